@@ -1,0 +1,225 @@
+"""The ``usguide`` command line.
+
+Every error on bad input is one line naming the file and the reason, with exit code 2 and no
+traceback. Nothing printed here comes from patient-identifying header fields.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from usguide._version import __version__
+from usguide.errors import UsguideError
+
+app = typer.Typer(
+    name="usguide",
+    help="Ultrasound-guided needle targeting, frame by frame. Not a medical device.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"usguide {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """usguide: capture, segment, track the needle and guide, on ultrasound frames."""
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn usguide's typed errors into one line and exit code 2; show warnings as one line."""
+
+    def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        err.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show  # type: ignore[assignment]
+    try:
+        yield
+    except UsguideError as e:
+        err.print(f"[red]error:[/] {e}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except ValueError as e:  # option values the sources reject (spacing, region)
+        err.print(f"[red]error:[/] {e}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    finally:
+        warnings.showwarning = previous
+
+
+def parse_numbers(text: str | None, count: tuple[int, ...], name: str) -> list[float] | None:
+    """Parse ``"0.1"`` or ``"0.1,0.2"`` style option values."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{name} takes numbers separated by commas, got {text!r}")
+    if len(values) not in count:
+        raise typer.BadParameter(f"{name} takes {' or '.join(map(str, count))} numbers")
+    return values
+
+
+SpacingOption = Annotated[
+    str | None,
+    typer.Option(
+        "--spacing-mm",
+        help="Millimetres per pixel, one number or ROW,COL; overrides the file's calibration.",
+    ),
+]
+RegionOption = Annotated[
+    str | None,
+    typer.Option(
+        "--region",
+        help="Imaging rectangle X0,Y0,X1,Y1 in pixels (inclusive); overrides the file's.",
+    ),
+]
+DetectOption = Annotated[
+    bool,
+    typer.Option(
+        "--detect-region/--no-detect-region",
+        help="Find the imaging area in the pixels when the file gives none.",
+    ),
+]
+
+
+def source_options(
+    spacing: str | None, region: str | None, detect: bool
+) -> dict[str, Any]:
+    spacing_values = parse_numbers(spacing, (1, 2), "--spacing-mm")
+    region_values = parse_numbers(region, (4,), "--region")
+    return {
+        "spacing_mm": spacing_values if spacing_values is None or len(spacing_values) == 2
+        else spacing_values[0],
+        "region": tuple(int(v) for v in region_values) if region_values else None,
+        "detect_region": detect,
+    }
+
+
+def make_progress() -> Any:
+    """A rich progress bar on stderr for long work; it disappears when done."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+
+
+def _fmt_spacing(spacing: Any) -> str:
+    if spacing is None:
+        return "unknown (distances in px)"
+    row, col = spacing
+    return f"{row:.4f} x {col:.4f} mm/px (row x col)"
+
+
+@app.command()
+def info(
+    path: Annotated[str, typer.Argument(help="DICOM, video, image file or folder, or device.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="Decode every frame to prove the file is whole.")
+    ] = False,
+    spacing: SpacingOption = None,
+    region: RegionOption = None,
+    detect: DetectOption = True,
+) -> None:
+    """Print what a source holds: frames, size, rate, regions, mm spacing, encoding.
+
+    No patient identifiers are read out.
+    """
+    from usguide.sources import open_source
+
+    with user_errors():
+        with open_source(path, **source_options(spacing, region, detect)) as source:
+            summary = source.info()
+            decoded = _decode_all(source, summary.frames) if check else None
+    data = summary.to_dict()
+    if decoded is not None:
+        data["frames_decoded"] = decoded
+    if as_json:
+        sys.stdout.write(json.dumps(data) + "\n")
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rate = summary.frame_rate_hz
+    rows: list[tuple[str, str]] = [
+        ("source", summary.source),
+        ("kind", summary.kind),
+        ("frames", "unknown (live)" if summary.frames is None else str(summary.frames)),
+        ("size", f"{summary.columns} x {summary.rows} px (width x height)"),
+        (
+            "rate",
+            "unknown"
+            if rate is None
+            else f"{rate:.2f} frames/s ({1000 * summary.frame_time_s:.2f} ms per frame)",  # type: ignore[operator]
+        ),
+        ("spacing", _fmt_spacing(summary.spacing_mm)),
+        ("encoding", summary.encoding),
+        ("colour", summary.colour),
+    ]
+    for i, r in enumerate(summary.regions):
+        state = "valid" if r.valid else "INVALID"
+        note = f"; {r.note}" if r.note else ""
+        rows.append(
+            (
+                f"region {i}",
+                f"{list(r.bbox)} {state}, {r.origin}, {_fmt_spacing(r.spacing_mm)}{note}",
+            )
+        )
+    for key, value in summary.details.items():
+        if value is not None:
+            rows.append((key.replace("_", " "), str(value)))
+    if decoded is not None:
+        rows.append(("decoded", f"{decoded} frames, all readable"))
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)
+
+
+def _decode_all(source: Any, total: int | None) -> int:
+    if total is None:
+        raise typer.BadParameter("--check needs a recorded source, not a live device")
+    n = 0
+    with make_progress() as bar:
+        task = bar.add_task("decoding", total=total)
+        for _ in source:
+            n += 1
+            bar.advance(task)
+    return n
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,191 @@
+"""Still images (PNG, JPEG, TIFF, BMP): one file, a list of files, or a folder in natural order."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from usguide.errors import (
+    CorruptSourceError,
+    EmptySourceError,
+    SourceNotFoundError,
+    UnsupportedFormatError,
+)
+from usguide.frame import Frame, Region
+from usguide.sources.base import BBox, SeekableSource
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders ``frame2`` before ``frame10`` (case-insensitive)."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part.lower())
+        for part in _DIGITS.split(name)
+        if part
+    )
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[Path]:
+    """Image files directly inside ``folder``, naturally sorted; hidden files are skipped."""
+    entries = [
+        p
+        for p in Path(folder).iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    ]
+    return sorted(entries, key=lambda p: natural_key(p.name))
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file as uint8 ``(H, W)`` grey or ``(H, W, 3)`` RGB.
+
+    16-bit images are scaled to 8 bits, alpha is dropped, palette images become RGB.
+
+    Raises
+    ------
+    SourceNotFoundError, CorruptSourceError
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise SourceNotFoundError(path, "no such file")
+    data = np.fromfile(p, dtype=np.uint8)  # np.fromfile + imdecode copes with non-ASCII paths
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise CorruptSourceError(path, "image cannot be decoded (corrupt or not an image)")
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise UnsupportedFormatError(path, f"{image.dtype} images are not supported")
+    if image.ndim == 3:
+        if image.shape[2] == 1:
+            return np.ascontiguousarray(image[:, :, 0])
+        code = cv2.COLOR_BGRA2RGB if image.shape[2] == 4 else cv2.COLOR_BGR2RGB
+        return cv2.cvtColor(image, code)
+    return image
+
+
+class ImageSource(SeekableSource):
+    """Frames from image files: a single file, a folder (natural order) or a list of paths.
+
+    Images in one folder may differ in size; a frame whose size differs from the first image's
+    gets its own imaging region (detected in its pixels, or the whole image).
+
+    Parameters
+    ----------
+    path : str, PathLike or sequence of them
+        An image file, a folder of images, or a list of image files in order.
+    frame_time_s : float, optional
+        Time between images when they form a sequence; timestamps are unknown (None) otherwise.
+    spacing_mm, region, detect_region
+        As for every source (see :class:`~usguide.sources.base.FrameSource`).
+    """
+
+    kind = "images"
+    colour = "grey or RGB"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        *,
+        frame_time_s: float | None = None,
+        spacing_mm: float | Sequence[float] | None = None,
+        region: BBox | None = None,
+        detect_region: bool = True,
+    ) -> None:
+        if isinstance(path, (str, os.PathLike)):
+            p = Path(path)
+            if p.is_dir():
+                files = list_images(p)
+                if not files:
+                    raise EmptySourceError(path, "folder holds no PNG, JPEG, TIFF or BMP image")
+            elif p.is_file():
+                if p.suffix.lower() not in IMAGE_SUFFIXES:
+                    raise UnsupportedFormatError(path, f"'{p.suffix}' is not an image type")
+                files = [p]
+            else:
+                raise SourceNotFoundError(path, "no such file or folder")
+            name = str(path)
+        else:
+            files = [Path(f) for f in path]
+            if not files:
+                raise EmptySourceError("<image list>", "no image files given")
+            missing = next((f for f in files if not f.is_file()), None)
+            if missing is not None:
+                raise SourceNotFoundError(missing, "no such file")
+            name = str(files[0].parent)
+        super().__init__(name, spacing_mm=spacing_mm, region=region, detect_region=detect_region)
+        if frame_time_s is not None and not frame_time_s > 0:
+            raise ValueError(f"frame_time_s must be positive, got {frame_time_s}")
+        self.files: list[Path] = files
+        self._frame_time = frame_time_s
+        first = read_image(files[0])
+        self._first = first
+        self._shape = (int(first.shape[0]), int(first.shape[1]))
+        self.encoding = ", ".join(sorted({f.suffix.lower().lstrip(".") for f in files}))
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.files)
+
+    @property
+    def frame_time_s(self) -> float | None:
+        return self._frame_time
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    def _native_regions(self) -> tuple[Region, ...]:
+        return ()
+
+    def _first_pixels(self) -> np.ndarray | None:
+        return self._first
+
+    def _read_pixels(self, index: int) -> tuple[np.ndarray, float | None]:
+        pixels = self._first if index == 0 else read_image(self.files[index])
+        stamp = index * self._frame_time if self._frame_time is not None else None
+        return pixels, stamp
+
+    def _iter_pixels(self) -> Iterator[tuple[int, np.ndarray, float | None]]:
+        for i in range(len(self.files)):
+            pixels, stamp = self._read_pixels(i)
+            yield i, pixels, stamp
+
+    def make_frame(self, index: int, pixels: np.ndarray, timestamp_s: float | None) -> Frame:
+        """As the base, but each frame names its own file, and a differently sized image gets
+        its own region (a rectangle from the first image would not fit it)."""
+        source = str(self.files[index])
+        if pixels.shape[:2] == self._shape:
+            return replace(super().make_frame(index, pixels, timestamp_s), source=source)
+        rows, columns = pixels.shape[:2]
+        if self._user_region is not None:
+            region = Region(self._user_region, self._user_spacing, True, "user")  # type: ignore[arg-type]
+            if not region.inside(rows, columns):
+                raise ValueError(
+                    f"{source}: region {list(region.bbox)} lies outside this "
+                    f"{columns} x {rows} image"
+                )
+        else:
+            region = Region.whole(rows, columns, self._user_spacing)
+            if self._detect_region:
+                from usguide.imaging_region import find_imaging_region
+
+                bbox = find_imaging_region(pixels)
+                if bbox is not None:
+                    region = Region(bbox, self._user_spacing, True, "detected", "found in the pixels")
+        return Frame(
+            pixels=pixels,
+            index=index,
+            timestamp_s=timestamp_s,
+            spacing_mm=region.spacing_mm,
+            region=region,
+            source=source,
+            regions=(region,),
+        )
