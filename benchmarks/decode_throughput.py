@@ -96,7 +96,6 @@ def bench_dicom(folder: Path, repeat: int) -> list[dict]:
 
 def bench_video(folder: Path, repeat: int) -> list[dict]:
     import cv2
-
     from usguide.sources.video import VideoFileSource
 
     def raw_frames(path: Path) -> Iterable[np.ndarray]:
@@ -133,8 +132,15 @@ def bench_images(folder: Path, repeat: int, limit: int = 60) -> list[dict]:
     src = ImageSource(files, detect_region=False)
     ours = time_frames(lambda: src, repeat)
     base = time_frames(lambda: (cv2.imread(str(f)) for f in files), repeat)
-    return [row("images", f"{folder.parent.name}/{folder.name} ({len(files)})", ours, base,
-                "cv2.imread (BGR)")]
+    return [
+        row(
+            "images",
+            f"{folder.parent.name}/{folder.name} ({len(files)})",
+            ours,
+            base,
+            "cv2.imread (BGR)",
+        )
+    ]
 
 
 def main() -> None:
@@ -153,8 +159,10 @@ def main() -> None:
         if (root / sub).is_dir():
             rows += bench_images(root / sub, args.repeat)
 
-    print(f"# decode throughput: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, python {platform.python_version()}, data {root}")
+    print(
+        f"# decode throughput: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, python {platform.python_version()}, data {root}"
+    )
     header = "| kind | file | frames | median ms | p95 ms | fps | baseline | baseline fps | ratio |"
     print(header)
     print("|---|---|---:|---:|---:|---:|---|---:|---:|")

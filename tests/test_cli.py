@@ -85,7 +85,13 @@ def test_info_overrides(dicom_dir: Path) -> None:
     data = json.loads(result.stdout)
     assert data["spacing_mm"] == [0.1, 0.2]
     assert data["regions"] == [
-        {"bbox": [0, 0, 99, 49], "spacing_mm": [0.1, 0.2], "valid": True, "origin": "user", "note": ""}
+        {
+            "bbox": [0, 0, 99, 49],
+            "spacing_mm": [0.1, 0.2],
+            "valid": True,
+            "origin": "user",
+            "note": "",
+        }
     ]
 
 

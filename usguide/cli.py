@@ -75,7 +75,9 @@ def parse_numbers(text: str | None, count: tuple[int, ...], name: str) -> list[f
     try:
         values = [float(v) for v in text.replace(" ", "").split(",")]
     except ValueError:
-        raise typer.BadParameter(f"{name} takes numbers separated by commas, got {text!r}")
+        raise typer.BadParameter(
+            f"{name} takes numbers separated by commas, got {text!r}"
+        ) from None
     if len(values) not in count:
         raise typer.BadParameter(f"{name} takes {' or '.join(map(str, count))} numbers")
     return values
@@ -104,13 +106,12 @@ DetectOption = Annotated[
 ]
 
 
-def source_options(
-    spacing: str | None, region: str | None, detect: bool
-) -> dict[str, Any]:
+def source_options(spacing: str | None, region: str | None, detect: bool) -> dict[str, Any]:
     spacing_values = parse_numbers(spacing, (1, 2), "--spacing-mm")
     region_values = parse_numbers(region, (4,), "--region")
     return {
-        "spacing_mm": spacing_values if spacing_values is None or len(spacing_values) == 2
+        "spacing_mm": spacing_values
+        if spacing_values is None or len(spacing_values) == 2
         else spacing_values[0],
         "region": tuple(int(v) for v in region_values) if region_values else None,
         "detect_region": detect,
@@ -161,10 +162,9 @@ def info(
     """
     from usguide.sources import open_source
 
-    with user_errors():
-        with open_source(path, **source_options(spacing, region, detect)) as source:
-            summary = source.info()
-            decoded = _decode_all(source, summary.frames) if check else None
+    with user_errors(), open_source(path, **source_options(spacing, region, detect)) as source:
+        summary = source.info()
+        decoded = _decode_all(source, summary.frames) if check else None
     data = summary.to_dict()
     if decoded is not None:
         data["frames_decoded"] = decoded

@@ -1,4 +1,4 @@
-"""The frame every stage passes along, the imaging region it carries, and the result of later stages.
+"""The frame every stage passes along, its imaging region, and the result of later stages.
 
 Units: millimetres and seconds in public values; pixels only where a name ends in ``_px`` or for
 image coordinates. Image coordinates are (x, y) with the origin top-left; arrays are (row, col).

@@ -181,9 +181,10 @@ def test_user_spacing_and_region_override(dicom_dir: Path) -> None:
         assert frame.spacing_mm == (0.1, 0.3)
     with pytest.raises(ValueError, match="positive"):
         DicomSource(dicom_dir / CINE, spacing_mm=-1)
-    with pytest.raises(ValueError, match="outside"), DicomSource(
-        dicom_dir / CINE, region=(0, 0, 640, 480)
-    ) as src:
+    with (
+        pytest.raises(ValueError, match="outside"),
+        DicomSource(dicom_dir / CINE, region=(0, 0, 640, 480)) as src,
+    ):
         _ = src.regions
 
 

@@ -91,7 +91,9 @@ def open_source(
         from usguide.sources.video import VideoFileSource
 
         return VideoFileSource(path, **options)
-    raise UnsupportedFormatError(path, "not a DICOM file, a video or an image (by name and content)")
+    raise UnsupportedFormatError(
+        path, "not a DICOM file, a video or an image (by name and content)"
+    )
 
 
 __all__ = ["DICOM_SUFFIXES", "VIDEO_SUFFIXES", "is_device", "is_dicom_file", "open_source"]

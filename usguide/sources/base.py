@@ -1,4 +1,4 @@
-"""What every frame source shares: calibration overrides, frame assembly and the ``info`` summary."""
+"""What every frame source shares: calibration overrides, frame assembly, the ``info`` summary."""
 
 from __future__ import annotations
 
@@ -80,12 +80,12 @@ class SourceInfo:
 
 
 class FrameSource(ABC):
-    """An iterator of :class:`~usguide.frame.Frame` with what is known of size, rate and calibration.
+    """An iterator of :class:`~usguide.frame.Frame` with size, rate and calibration where known.
 
     Subclasses read pixels; this base applies the user's overrides once, so every source honours
-    them the same way: a user ``region`` replaces the file's regions, a user ``spacing_mm``
-    replaces the file's spacing (a file region that was invalid stays marked invalid, but gets
-    the user's spacing, since the user has vouched for it).
+    them the same way: a user ``region`` replaces the file's regions; a user ``spacing_mm``
+    replaces the spacing of every valid region (rejected file regions stay reported as invalid,
+    and the fallback imaging region then carries the user's spacing).
 
     Use as a context manager, or call :meth:`close`.
     """
@@ -209,8 +209,10 @@ class FrameSource(ABC):
 
             bbox = find_imaging_region(pixels)
             if bbox is not None:
-                note = "found in the pixels" if self._user_spacing is None else (
-                    "found in the pixels; spacing given by the user"
+                note = (
+                    "found in the pixels"
+                    if self._user_spacing is None
+                    else ("found in the pixels; spacing given by the user")
                 )
                 return Region(bbox, self._user_spacing, True, "detected", note)
         return Region.whole(rows, columns, self._user_spacing)
@@ -238,7 +240,7 @@ class FrameSource(ABC):
         for index, pixels, timestamp_s in self._iter_pixels():
             yield self.make_frame(index, pixels, timestamp_s)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - sources holding nothing need not override it
         """Release files or devices. Safe to call twice."""
 
     def __enter__(self) -> FrameSource:

@@ -146,13 +146,13 @@ def frame_times_from_header(ds: Any, n_frames: int) -> tuple[float | None, np.nd
     vector = ds.get("FrameTimeVector", None)
     if _TAG_FRAME_TIME_VECTOR in pointers and vector is not None:
         increments = np.asarray([float(v) for v in vector], dtype=np.float64) / 1000.0
-        if len(increments) == n_frames and np.all(np.isfinite(increments)):
-            if np.all(increments[1:] > 0):
-                # FrameTimeVector[0] is the increment before the first frame, 0 by definition.
-                increments[0] = 0.0
-                stamps = np.cumsum(increments)
-                nominal = float(np.mean(increments[1:])) if n_frames > 1 else None
-                return nominal, stamps
+        usable = len(increments) == n_frames and np.all(np.isfinite(increments))
+        if usable and np.all(increments[1:] > 0):
+            # FrameTimeVector[0] is the increment before the first frame, 0 by definition.
+            increments[0] = 0.0
+            stamps = np.cumsum(increments)
+            nominal = float(np.mean(increments[1:])) if n_frames > 1 else None
+            return nominal, stamps
     candidates: list[float | None] = [
         _positive(ds.get("FrameTime", None), scale=1e-3),
         _positive(ds.get("CineRate", None), invert=True),
@@ -319,9 +319,7 @@ class DicomSource(SeekableSource):
         assert self._fp is not None
         size = os.fstat(self._fp.fileno()).st_size
         if not self._ts.is_compressed:
-            frame_len = (
-                self._rows * self._columns * self._samples * self._bits_allocated // 8
-            )
+            frame_len = self._rows * self._columns * self._samples * self._bits_allocated // 8
             need = self._pixel_offset + frame_len * self._n_frames
             if need > size:
                 raise CorruptSourceError(
@@ -427,11 +425,13 @@ class DicomSource(SeekableSource):
                     **self._opts,
                 )
             except (ValueError, RuntimeError, EOFError, OSError) as e:
-                raise CorruptSourceError(self.source, f"frame {index} cannot be decoded ({e})") from e
+                raise CorruptSourceError(
+                    self.source, f"frame {index} cannot be decoded ({e})"
+                ) from e
         return arr
 
     def _to_uint8(self, arr: np.ndarray) -> np.ndarray:
-        """Stored values to display pixels: palette to RGB, >8-bit grey scaled, MONOCHROME1 inverted."""
+        """Stored values to uint8: palette to RGB, deep grey scaled, MONOCHROME1 inverted."""
         if self._palette is not None:
             index = arr if arr.ndim == 2 else arr[..., 0]
             return self._palette[index]
@@ -511,4 +511,3 @@ class DicomSource(SeekableSource):
         fp, self._fp = getattr(self, "_fp", None), None
         if fp is not None:
             fp.close()
-

@@ -179,7 +179,9 @@ class ImageSource(SeekableSource):
 
                 bbox = find_imaging_region(pixels)
                 if bbox is not None:
-                    region = Region(bbox, self._user_spacing, True, "detected", "found in the pixels")
+                    region = Region(
+                        bbox, self._user_spacing, True, "detected", "found in the pixels"
+                    )
         return Frame(
             pixels=pixels,
             index=index,
