@@ -50,5 +50,9 @@ class DeviceError(UsguideError):
     """A live capture device that cannot be opened or stopped delivering frames."""
 
 
+class TruncatedSourceWarning(UserWarning):
+    """A file ends before the frames its header announces; the intact frames are still read."""
+
+
 class CalibrationWarning(UserWarning):
     """Calibration found in a file was rejected; spacing is unknown (None) instead."""
