@@ -68,6 +68,24 @@ def test_jpeg_baseline_uses_fast_decoder_and_matches_pydicom(dicom_dir: Path) ->
             assert np.abs(ours - ref).max() <= 16
 
 
+def test_fast_decoder_disagreement_falls_back_to_pydicom(
+    dicom_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If OpenCV ever decodes a file differently (an odd colour encoding), pydicom decodes it."""
+    original = DicomSource._decode_opencv
+
+    def tinted(self: DicomSource, index: int) -> np.ndarray:
+        out = original(self, index).copy()
+        out[..., 0] //= 2  # wrong colours
+        return out
+
+    monkeypatch.setattr(DicomSource, "_decode_opencv", tinted)
+    with DicomSource(dicom_dir / CINE) as src:
+        assert src.decoder_name == "pydicom:pylibjpeg"
+        ref = reference_pixels(dicom_dir / CINE, 3)
+        assert np.array_equal(src.read(3).pixels, ref)
+
+
 def test_random_access_equals_sequential(dicom_dir: Path) -> None:
     with DicomSource(dicom_dir / CINE) as src:
         seq = [f.pixels for _, f in zip(range(6), src, strict=False)]
@@ -124,7 +142,7 @@ def test_aloka_two_side_by_side_regions(dicom_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "shape", "decoder"),
     [
-        ("JPGLosslessP14SV1_1s_1f_8b.dcm", (768, 1024), "pydicom:pylibjpeg"),
+        ("JPGLosslessP14SV1_1s_1f_8b.dcm", (768, 1024), "opencv"),
         ("US1_J2KR.dcm", (480, 640, 3), "pydicom:pylibjpeg"),
         ("US1_J2KI.dcm", (480, 640, 3), "pydicom:pylibjpeg"),
         ("US1_UNCR.dcm", (480, 640, 3), "native"),
@@ -284,8 +302,8 @@ def test_corrupt_jpeg_frame(dicom_dir: Path, tmp_path: Path) -> None:
     src = dicom_dir / "examples_ybr_color.dcm"
     data = bytearray(src.read_bytes())
     with DicomSource(src, detect_region=False) as good:
-        assert good._frame_bytes is not None
-        offset, length = good._frame_bytes[0]
+        assert good._frame_spans is not None
+        ((offset, length),) = good._frame_spans[0]
     rng = np.random.default_rng(0)
     data[offset : offset + length] = rng.integers(0, 256, length, dtype=np.uint8).tobytes()
     path = tmp_path / "noise.dcm"
