@@ -88,7 +88,6 @@ class ImageSource(SeekableSource):
     """
 
     kind = "images"
-    colour = "grey or RGB"
 
     def __init__(
         self,
@@ -129,6 +128,7 @@ class ImageSource(SeekableSource):
         self._first = first
         self._shape = (int(first.shape[0]), int(first.shape[1]))
         self.encoding = ", ".join(sorted({f.suffix.lower().lstrip(".") for f in files}))
+        self.colour = "RGB" if first.ndim == 3 else "grey"  # of the first image
 
     @property
     def frame_count(self) -> int:
