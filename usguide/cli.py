@@ -221,5 +221,192 @@ def _decode_all(source: Any, total: int | None) -> int:
     return n
 
 
+ModelOption = Annotated[
+    str | None,
+    typer.Option("--model", help="ONNX segmentation model (default: the shipped one)."),
+]
+
+
+def output_stem(source: Any, frame: Any) -> str:
+    """Label file stem: ``<stem>`` for an image or single-frame file, else ``<stem>_<index>``."""
+    from pathlib import Path
+
+    stem = Path(frame.source).stem
+    if source.kind == "images" or source.frame_count == 1:
+        return stem
+    return f"{stem}_{frame.index:05d}"
+
+
+@app.command()
+def segment(
+    inputs: Annotated[
+        list[str], typer.Argument(help="Image files, folders, DICOM files or videos.")
+    ],
+    out_dir: Annotated[str, typer.Option("--out", help="Folder for the label PNGs.")],
+    model: ModelOption = None,
+    overlay: Annotated[
+        bool, typer.Option("--overlay", help="Also write colour overlays to OUT/overlays/.")
+    ] = False,
+    smoothing: Annotated[
+        float, typer.Option(help="Temporal smoothing of probabilities across frames, 0 to <1.")
+    ] = 0.0,
+    spacing: SpacingOption = None,
+    region: RegionOption = None,
+    detect: DetectOption = True,
+) -> None:
+    """Label every frame: one 8-bit PNG per frame with class indices 0 background, 1 nerve,
+    2 vessel, 3 fascia, 4 needle, at the frame's size."""
+    from pathlib import Path
+
+    import cv2
+
+    from usguide.overlay import blend_labels
+    from usguide.segment import Segmenter
+    from usguide.sources import open_source
+
+    target = Path(out_dir)
+    with user_errors():
+        segmenter = Segmenter(model, smoothing=smoothing)
+        options = source_options(spacing, region, detect)
+        sources = [open_source(path, **options) for path in inputs]
+        total = sum(s.frame_count or 0 for s in sources)
+        target.mkdir(parents=True, exist_ok=True)
+        if overlay:
+            (target / "overlays").mkdir(exist_ok=True)
+        written = 0
+        with make_progress() as bar:
+            task = bar.add_task("segmenting", total=total)
+            for source in sources:
+                segmenter.reset()
+                with source:
+                    for frame in source:
+                        labels = segmenter(frame)
+                        name = output_stem(source, frame) + ".png"
+                        write_png(target / name, labels)
+                        if overlay:
+                            blend = blend_labels(frame.pixels, labels)
+                            write_png(
+                                target / "overlays" / name, cv2.cvtColor(blend, cv2.COLOR_RGB2BGR)
+                            )
+                        written += 1
+                        bar.advance(task)
+    err.print(f"wrote {written} label maps to {target}")
+
+
+def write_png(path: Any, array: Any) -> None:
+    """Write a PNG atomically: a temporary file renamed into place, so no half-written file."""
+    import os
+
+    import cv2
+
+    from usguide.errors import UsguideError as _Error
+
+    ok, data = cv2.imencode(".png", array)
+    if not ok:
+        raise _Error(path, "cannot encode PNG")
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data.tobytes())
+    os.replace(tmp, path)
+
+
+@app.command()
+def evaluate(
+    images: Annotated[str, typer.Option("--images", help="Folder of images.")],
+    masks: Annotated[
+        str, typer.Option("--masks", help="Folder of label PNGs with the same stems.")
+    ],
+    model: ModelOption = None,
+    json_out: Annotated[
+        str, typer.Option("--json", help="Where to write the results as JSON.")
+    ] = "evaluation.json",
+    classes: Annotated[
+        str | None,
+        typer.Option(help="Classes the masks label, e.g. nerve,vessel (default: all)."),
+    ] = None,
+    binary_class: Annotated[
+        str | None,
+        typer.Option(help="Read 0/255 masks as this class (e.g. fascia)."),
+    ] = None,
+) -> None:
+    """Per-class Dice of the model against ground-truth masks, with bootstrap 95% intervals."""
+    from pathlib import Path
+
+    from usguide.evaluate import DiceTable, format_table
+    from usguide.labels import CLASS_NAMES
+    from usguide.segment import Segmenter
+    from usguide.sources.images import ImageSource, list_images, read_mask
+
+    with user_errors():
+        labelled = [True] * len(CLASS_NAMES)
+        if classes:
+            wanted = {c.strip() for c in classes.split(",")}
+            bad = wanted - set(CLASS_NAMES[1:])
+            if bad:
+                raise typer.BadParameter(f"unknown classes {sorted(bad)}")
+            labelled = [i == 0 or n in wanted for i, n in enumerate(CLASS_NAMES)]
+        binary = None
+        if binary_class is not None:
+            if binary_class not in CLASS_NAMES[1:]:
+                raise typer.BadParameter(f"unknown class {binary_class!r}")
+            binary = CLASS_NAMES.index(binary_class)
+        mask_files = {p.stem: p for p in list_images(masks)} if Path(masks).is_dir() else {}
+        image_files = [p for p in list_images(images)] if Path(images).is_dir() else []
+        if not image_files:
+            from usguide.errors import EmptySourceError
+
+            raise EmptySourceError(images, "no images to evaluate")
+        pairs = [(p, mask_files[p.stem]) for p in image_files if p.stem in mask_files]
+        if not pairs:
+            from usguide.errors import EmptySourceError
+
+            raise EmptySourceError(masks, "no mask has the stem of an image")
+        segmenter = Segmenter(model)
+        table = DiceTable()
+        source = ImageSource([p for p, _ in pairs])
+        with make_progress() as bar, source:
+            task = bar.add_task("evaluating", total=len(pairs))
+            for frame, (_, mask_path) in zip(source, pairs, strict=True):
+                truth = read_mask(mask_path, binary_class=binary)
+                table.add(segmenter(frame).copy(), truth, labelled)
+                bar.advance(task)
+    summary = table.summary()
+    result = {
+        "model": segmenter.info.path,
+        "model_version": segmenter.info.version,
+        "images": len(pairs),
+        "classes": summary,
+    }
+    Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    out.print(format_table(summary))
+    err.print(f"{len(pairs)} images; results written to {json_out}")
+
+
+@app.command()
+def train(
+    config: Annotated[str, typer.Option("--config", help="TOML training configuration.")],
+    data: Annotated[
+        str | None, typer.Option("--data", help="Data mirror (default $USGUIDE_DATA).")
+    ] = None,
+    out_dir: Annotated[
+        str | None, typer.Option("--out", help="Model folder (overrides the config).")
+    ] = None,
+) -> None:
+    """Train the segmentation model (needs the train extra: torch)."""
+    try:
+        from usguide.training.train import TrainConfig
+        from usguide.training.train import train as run_training
+    except ImportError as e:
+        err.print(f"[red]error:[/] training needs torch: pip install 'usguide[train]' ({e})")
+        raise typer.Exit(2) from None
+    with user_errors():
+        settings = TrainConfig.from_toml(config)
+        if data is not None:
+            settings.data_root = data
+        if out_dir is not None:
+            settings.out = out_dir
+        run_training(settings, log=lambda line: err.print(line, soft_wrap=True))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -191,3 +191,42 @@ class ImageSource(SeekableSource):
             source=source,
             regions=(region,),
         )
+
+
+def read_mask(path: str | os.PathLike[str], *, binary_class: int | None = None) -> np.ndarray:
+    """Read a label PNG as ``(H, W)`` uint8 class indices.
+
+    Palette PNGs give their raw palette indices (not their display colours). With
+    ``binary_class``, a 0/255 (or 0/1) mask becomes that class wherever it is set.
+
+    Raises
+    ------
+    SourceNotFoundError, CorruptSourceError
+        Missing file, unreadable file, or values that are not class indices.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from usguide.labels import N_CLASSES
+
+    p = Path(path)
+    if not p.is_file():
+        raise SourceNotFoundError(path, "no such mask file")
+    try:
+        with Image.open(p) as im:
+            if im.mode not in ("P", "L", "1", "I;16", "I"):
+                im = im.convert("L")
+            mask = np.array(im)
+    except (UnidentifiedImageError, OSError) as e:
+        raise CorruptSourceError(path, f"mask cannot be read ({e})") from e
+    if mask.ndim != 2:
+        raise CorruptSourceError(path, f"mask must be single-channel, got shape {mask.shape}")
+    if binary_class is not None:
+        return np.where(mask > 0, binary_class, 0).astype(np.uint8)
+    top = int(mask.max()) if mask.size else 0
+    if top >= N_CLASSES:
+        raise CorruptSourceError(
+            path,
+            f"mask value {top} is not a class index 0-{N_CLASSES - 1} "
+            "(for a 0/255 mask give --binary-class)",
+        )
+    return mask.astype(np.uint8)

@@ -1,0 +1,84 @@
+"""Speed of the segmentation stage on 640 x 480 frames, fp32 and int8 side by side.
+
+Usage::
+
+    python benchmarks/segment_speed.py [--model-dir models/usguide-seg] [--frames 300]
+
+Rows: the model's inference alone (onnxruntime run on a preprocessed input), and the whole stage
+(crop, resize, normalise, infer, softmax, argmax, labels back to frame size), for every model file
+in the folder (model.onnx as shipped, model_fp32.onnx when present). Two onnxruntime threads.
+Frames are the real SonoSite cine (tests/data/dicom/color3d_jpeg_baseline.dcm, 640 x 480),
+cycled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from usguide.segment import Segmenter
+from usguide.sources.dicom import DicomSource
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def percentiles(times: list[float]) -> tuple[float, float, float]:
+    ms = np.asarray(times) * 1000
+    return float(np.median(ms)), float(np.percentile(ms, 95)), float(np.percentile(ms, 99))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", default=str(REPO / "models" / "usguide-seg"))
+    parser.add_argument("--frames", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    with DicomSource(REPO / "tests" / "data" / "dicom" / "color3d_jpeg_baseline.dcm") as src:
+        frames = list(src)
+    models = [
+        p
+        for p in (Path(args.model_dir) / n for n in ("model.onnx", "model_fp32.onnx"))
+        if p.exists()
+    ]
+    print(
+        f"# segmentation speed: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{args.threads} onnxruntime threads, 640 x 480 frames x {args.frames}"
+    )
+    print("| model | part | median ms | p95 ms | p99 ms | fps |")
+    print("|---|---|---:|---:|---:|---:|")
+    rows = {}
+    for path in models:
+        seg = Segmenter(path, threads=args.threads)
+        x = np.random.default_rng(0).standard_normal((1, 1, *seg.info.input_size), np.float32)
+        run = seg._session.run
+        name = seg._input
+        for _ in range(30):
+            run(None, {name: x})
+            seg(frames[0])
+        infer, stage = [], []
+        for i in range(args.frames):
+            t = time.perf_counter()
+            run(None, {name: x})
+            infer.append(time.perf_counter() - t)
+            frame = frames[i % len(frames)]
+            t = time.perf_counter()
+            seg(frame)
+            stage.append(time.perf_counter() - t)
+        for part, times in (("inference", infer), ("whole stage", stage)):
+            med, p95, p99 = percentiles(times)
+            rows[(path.name, part)] = med
+            print(
+                f"| {path.name} | {part} | {med:.2f} | {p95:.2f} | {p99:.2f} | {1000 / med:.0f} |"
+            )
+    if ("model_fp32.onnx", "inference") in rows and ("model.onnx", "inference") in rows:
+        ratio = rows[("model_fp32.onnx", "inference")] / rows[("model.onnx", "inference")]
+        print(f"\nshipped model.onnx inference is {ratio:.2f}x the speed of model_fp32.onnx")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""The segmentation stage: an ONNX model labels every pixel as background, nerve, vessel, fascia or
+needle.
+
+The ONNX file is the single source of truth for its preprocessing: class names, input size,
+normalisation and version are read from its metadata_props (keys ``usguide.*``). The session is
+created once; per frame the stage crops the imaging region, resizes it, normalises, infers and
+brings the labels back to the frame's size, reusing its buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from usguide.errors import UsguideError
+from usguide.frame import Frame
+from usguide.labels import CLASS_NAMES
+
+METADATA_PREFIX = "usguide."
+REQUIRED_METADATA = ("class_names", "input_size", "normalisation", "version")
+# Grey-level standard deviation below which a region holds no image to label (black, saturated).
+FLAT_STD = 2.0
+# The shipped model lives in the repository's models/ folder (a checkout or an editable install).
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "usguide-seg" / "model.onnx"
+
+
+class ModelError(UsguideError):
+    """A model file that is missing, corrupt, or whose shape or metadata do not fit usguide."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What a segmentation model declares about itself (from its ONNX metadata)."""
+
+    path: str
+    class_names: tuple[str, ...]
+    input_size: tuple[int, int]  # (rows, cols)
+    normalisation: dict[str, Any]
+    version: str
+    metadata: dict[str, str]
+
+
+def to_grey(pixels: np.ndarray) -> np.ndarray:
+    """``(H, W)`` uint8 grey from grey or RGB pixels (no copy for grey)."""
+    return pixels if pixels.ndim == 2 else cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
+
+
+def normalise(grey: np.ndarray, normalisation: dict[str, Any], out: np.ndarray) -> np.ndarray:
+    """Fill ``out`` (float32, grey's shape) with the model's input values.
+
+    ``{"mode": "zscore"}``: per-image zero mean, unit variance, which makes the model indifferent
+    to the scanner's overall gain. ``{"mode": "scale", "mean": m, "std": s}``: ``(x/255 - m)/s``.
+    """
+    mode = normalisation.get("mode")
+    np.multiply(grey, 1.0 / 255.0, out=out, dtype=np.float32, casting="unsafe")
+    if mode == "zscore":
+        mean, std = cv2.meanStdDev(out)
+        out -= float(mean[0, 0])
+        out *= 1.0 / max(float(std[0, 0]), float(normalisation.get("min_std", 0.02)))
+    elif mode == "scale":
+        out -= float(normalisation["mean"])
+        out *= 1.0 / float(normalisation["std"])
+    else:
+        raise ValueError(f"unknown normalisation mode {mode!r}")
+    return out
+
+
+def open_model(path: str | os.PathLike[str], *, threads: int = 2) -> tuple[ModelInfo, Any]:
+    """Load an ONNX segmentation model and check its metadata and input shape.
+
+    Returns
+    -------
+    info : ModelInfo
+    session : onnxruntime.InferenceSession
+
+    Raises
+    ------
+    ModelError
+        Missing file, not a loadable ONNX model, or metadata missing or inconsistent.
+    """
+    import onnxruntime as ort
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(path, "no such model file")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # onnxruntime's own warnings would bury our one-line errors
+    try:
+        session = ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(path, f"not a loadable ONNX model ({first_line[:200]})") from e
+    raw = session.get_modelmeta().custom_metadata_map
+    meta = {k[len(METADATA_PREFIX) :]: v for k, v in raw.items() if k.startswith(METADATA_PREFIX)}
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise ModelError(path, f"metadata lacks {', '.join(METADATA_PREFIX + k for k in missing)}")
+    try:
+        class_names = tuple(json.loads(meta["class_names"]))
+        rows, cols = (int(v) for v in json.loads(meta["input_size"]))
+        normalisation = dict(json.loads(meta["normalisation"]))
+    except (ValueError, TypeError) as e:
+        raise ModelError(path, f"metadata is not valid JSON of the expected form ({e})") from e
+    if class_names != CLASS_NAMES:
+        raise ModelError(path, f"class names {list(class_names)} differ from {list(CLASS_NAMES)}")
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ModelError(path, f"expected one input, found {len(inputs)}")
+    dims = list(inputs[0].shape)
+    if len(dims) != 4 or dims[1] != 1 or (dims[2], dims[3]) != (rows, cols):
+        raise ModelError(
+            path, f"input shape {dims} does not match (N, 1, {rows}, {cols}) from its metadata"
+        )
+    info = ModelInfo(str(p), class_names, (rows, cols), normalisation, meta["version"], meta)
+    return info, session
+
+
+class Segmenter:
+    """Label every pixel of a frame with an ONNX segmentation model.
+
+    Parameters
+    ----------
+    model : path, optional
+        The ONNX file; defaults to the model shipped with usguide.
+    threads : int
+        onnxruntime intra-op threads.
+    smoothing : float
+        Temporal smoothing of class probabilities across consecutive frames, 0 (none) to <1.
+        An exponential average is causal: it adds no frame of latency.
+
+    Notes
+    -----
+    Call :meth:`reset` when the sequence changes (another cine, a seek), so the smoothing does
+    not blend unrelated frames.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        threads: int = 2,
+        smoothing: float = 0.0,
+    ) -> None:
+        path = Path(model) if model is not None else DEFAULT_MODEL
+        self.info, self._session = open_model(path, threads=threads)
+        self._input = self._session.get_inputs()[0].name
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        self.smoothing = smoothing
+        rows, cols = self.info.input_size
+        n = len(self.info.class_names)
+        # Buffers reused across frames: the hot path allocates nothing of model size per frame.
+        self._small = np.empty((rows, cols), np.uint8)
+        self._x = np.empty((1, 1, rows, cols), np.float32)
+        self._probs = np.empty((n, rows, cols), np.float32)
+        self._current = np.empty((n, rows, cols), np.float32)
+        self._logits = np.zeros((n, rows, cols), np.float32)
+        self._probs_stale = True
+        self._have_previous = False
+        self._argmax = np.empty((rows, cols), np.int64)  # np.argmax writes int64 only
+        self._labels_small = np.empty((rows, cols), np.uint8)
+        self._labels: np.ndarray | None = None
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """``(C, rows, cols)`` float32 class probabilities of the last frame, at model input size
+        over the imaging region (temporally smoothed when smoothing > 0)."""
+        if self._probs_stale:
+            # Computed on demand: labels alone need only the argmax of the logits.
+            self._softmax_into(self._probs, self._logits)
+            self._probs_stale = False
+        return self._probs
+
+    def reset(self) -> None:
+        """Forget the previous frame (for smoothing)."""
+        self._have_previous = False
+
+    def __call__(self, frame: Frame | np.ndarray) -> np.ndarray:
+        """Label map ``(H, W)`` uint8 at the frame's size; outside the imaging region is 0.
+
+        The returned array is reused by the next call: copy it to keep it.
+        """
+        if isinstance(frame, Frame):
+            pixels, bbox = frame.pixels, frame.region.bbox
+        else:
+            pixels = frame
+            bbox = (0, 0, pixels.shape[1] - 1, pixels.shape[0] - 1)
+        x0, y0, x1, y1 = bbox
+        crop = to_grey(pixels[y0 : y1 + 1, x0 : x1 + 1])
+        rows, cols = self.info.input_size
+        cv2.resize(crop, (cols, rows), dst=self._small, interpolation=cv2.INTER_AREA)
+        _, std = cv2.meanStdDev(self._small)
+        if float(std[0, 0]) < FLAT_STD:
+            # Black, saturated or frozen-uniform frame: nothing to label, and the model's answer
+            # on a blank input would be a guess.
+            self._probs.fill(0.0)
+            self._probs[0] = 1.0
+            self._probs_stale = False
+            self._have_previous = False
+            self._labels_small.fill(0)
+        else:
+            normalise(self._small, self.info.normalisation, self._x[0, 0])
+            self._logits = self._session.run(None, {self._input: self._x})[0][0]
+            if self.smoothing > 0:
+                self._smooth(self._logits)
+                np.argmax(self._probs, axis=0, out=self._argmax)
+            else:
+                self._probs_stale = True
+                np.argmax(self._logits, axis=0, out=self._argmax)
+            np.copyto(self._labels_small, self._argmax, casting="unsafe")
+        h, w = pixels.shape[:2]
+        if self._labels is None or self._labels.shape != (h, w):
+            self._labels = np.zeros((h, w), np.uint8)
+        else:
+            self._labels.fill(0)
+        cv2.resize(
+            self._labels_small,
+            (x1 - x0 + 1, y1 - y0 + 1),
+            dst=self._labels[y0 : y1 + 1, x0 : x1 + 1],
+            interpolation=cv2.INTER_NEAREST,
+        )
+        return self._labels
+
+    @staticmethod
+    def _softmax_into(out: np.ndarray, logits: np.ndarray) -> None:
+        np.subtract(logits, logits.max(axis=0, keepdims=True), out=out)
+        np.exp(out, out=out)
+        out /= out.sum(axis=0, keepdims=True)
+
+    def _smooth(self, logits: np.ndarray) -> None:
+        """Exponential average of probabilities: causal, so no frame of latency is added."""
+        if not self._have_previous:
+            self._softmax_into(self._probs, logits)
+        else:
+            self._softmax_into(self._current, logits)
+            self._probs *= self.smoothing
+            self._current *= 1.0 - self.smoothing
+            self._probs += self._current
+        self._probs_stale = False
+        self._have_previous = True

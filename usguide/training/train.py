@@ -1,0 +1,300 @@
+"""Train the segmentation model on the real scans, with needles rendered onto them.
+
+Reproducible from a seed: data split, augmentation, needle renders, initial weights and batch order
+all draw from generators seeded by the config. Runs on the CPU (two cores: about 20 s an epoch)
+or on a GPU when torch sees one; the exported model runs on the CPU either way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from usguide.labels import CLASS_NAMES, NEEDLE
+from usguide.segment import normalise
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; read from a TOML file by :meth:`from_toml`."""
+
+    seed: int = 0
+    input_size: tuple[int, int] = (256, 256)
+    epochs: int = 60
+    batch_size: int = 8
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    dice_weight: float = 1.0
+    needle_probability: float = 0.5
+    val_fraction: float = 0.2
+    datasets: tuple[str, ...] = ("usgra-seg", "dltrack-apo")
+    channels: tuple[int, int, int, int] = (16, 32, 64, 128)
+    depth: tuple[int, int, int, int] = (1, 2, 3, 3)
+    normalisation: dict[str, Any] = field(default_factory=lambda: {"mode": "zscore"})
+    data_root: str | None = None
+    out: str = "models/usguide-seg"
+    name: str = "usguide-seg"
+    version: str = "1.0.0"
+    threads: int = 2
+    max_samples: int | None = None  # small runs (tests, smoke checks)
+    quantize: bool = True
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> TrainConfig:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {unknown}")
+        for key in ("input_size", "datasets", "channels", "depth"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
+        return cls(**raw)
+
+
+@dataclass
+class Prepared:
+    """A sample brought to the network's input size once, before training."""
+
+    image: np.ndarray  # (H, W) uint8
+    mask: np.ndarray  # (H, W) uint8
+    labelled: np.ndarray  # (C,) bool
+    name: str
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_samples(config: TrainConfig, log: Log) -> tuple[list[Prepared], list[Prepared]]:
+    """Both data sets, split by subject group with the config's seed, resized to input size."""
+    from usguide.data.augment import resize_pair
+    from usguide.data.datasets import DlTrackApo, UsgraSeg, split
+
+    makers = {"usgra-seg": UsgraSeg, "dltrack-apo": DlTrackApo}
+    train: list[Prepared] = []
+    val: list[Prepared] = []
+    for name in config.datasets:
+        dataset = makers[name](config.data_root)
+        train_idx, val_idx = split(dataset, val_fraction=config.val_fraction, seed=config.seed)
+        if config.max_samples is not None:
+            train_idx, val_idx = train_idx[: config.max_samples], val_idx[: config.max_samples]
+        for indices, out in ((train_idx, train), (val_idx, val)):
+            for i in indices:
+                s = dataset[i]
+                image, mask = resize_pair(s.image, s.mask, config.input_size)
+                out.append(Prepared(image, mask, np.asarray(s.labelled, bool), s.name))
+        log(f"{name}: {len(train_idx)} train, {len(val_idx)} validation images")
+    return train, val
+
+
+def with_needle(sample: Prepared, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The sample with a rendered needle: image and mask (needle class where it is drawn)."""
+    from usguide.data.needle_render import random_pose, render_needle
+
+    pose = random_pose(sample.image.shape, rng)
+    rendered = render_needle(sample.image, pose, rng=rng)
+    mask = sample.mask.copy()
+    mask[rendered.mask] = NEEDLE
+    return rendered.image, mask
+
+
+class Batches:
+    """Augmented training batches as tensors, reproducible from the generator it is given."""
+
+    def __init__(self, samples: list[Prepared], config: TrainConfig) -> None:
+        from usguide.data.augment import UltrasoundAugment
+
+        self.samples = samples
+        self.config = config
+        self.augment = UltrasoundAugment()
+        self._x = np.empty((1, *config.input_size), np.float32)
+
+    def epoch(
+        self, rng: np.random.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        order = rng.permutation(len(self.samples))
+        bs = self.config.batch_size
+        for start in range(0, len(order) - bs + 1, bs):
+            xs, ys, ls = [], [], []
+            for i in order[start : start + bs]:
+                s = self.samples[i]
+                if rng.random() < self.config.needle_probability:
+                    image, mask = with_needle(s, rng)
+                else:
+                    image, mask = s.image, s.mask
+                image, mask = self.augment(image, mask, rng)
+                x = np.empty(image.shape, np.float32)
+                normalise(image, self.config.normalisation, x)
+                xs.append(x)
+                ys.append(mask.astype(np.int64))
+                ls.append(s.labelled)
+            yield (
+                torch.from_numpy(np.stack(xs)[:, None]),
+                torch.from_numpy(np.stack(ys)),
+                torch.from_numpy(np.stack(ls)),
+            )
+
+
+def validation_set(val: list[Prepared], seed: int) -> list[Prepared]:
+    """Validation images as they are, plus each with a needle rendered from a fixed seed."""
+    rng = np.random.default_rng(seed + 10_000)
+    out = list(val)
+    for s in val:
+        image, mask = with_needle(s, rng)
+        out.append(Prepared(image, mask, s.labelled, s.name + "+needle"))
+    return out
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: list[np.ndarray], config: TrainConfig) -> list:
+    model.eval()
+    out = []
+    for image in images:
+        x = np.empty(image.shape, np.float32)
+        normalise(image, config.normalisation, x)
+        logits = model(torch.from_numpy(x)[None, None])
+        out.append(logits.argmax(1)[0].numpy().astype(np.uint8))
+    return out
+
+
+def score(model: torch.nn.Module, val: list[Prepared], config: TrainConfig) -> dict[str, Any]:
+    from usguide.evaluate import DiceTable
+
+    table = DiceTable()
+    for s, pred in zip(val, predict(model, [s.image for s in val], config), strict=True):
+        table.add(pred, s.mask, s.labelled)
+    return table.summary()
+
+
+def mean_dice(summary: dict[str, Any]) -> float:
+    values = [v["dice"] for v in summary.values() if v["dice"] is not None]
+    return float(np.mean(values)) if values else 0.0
+
+
+def train(config: TrainConfig, log: Log = print) -> Path:
+    """Train, keep the best epoch by mean validation Dice, export ONNX (and int8) to config.out.
+
+    Returns the path of the shipped ``model.onnx``.
+    """
+    from usguide.training.export import export_onnx, quantize_int8
+    from usguide.training.loss import marginal_cross_entropy, soft_dice_loss
+    from usguide.training.model import SegNet
+
+    torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    train_set, val_set = load_samples(config, log)
+    val_full = validation_set(val_set, config.seed)
+    model = SegNet(len(CLASS_NAMES), config.channels, config.depth)
+    optimiser = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    batches = Batches(train_set, config)
+    steps = max(1, config.epochs * (len(train_set) // config.batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=config.lr, total_steps=steps, pct_start=0.1
+    )
+    rng = np.random.default_rng(config.seed)
+    best, best_state, history = -1.0, None, []
+    step = 0
+    for epoch in range(config.epochs):
+        model.train()
+        t0, losses = time.perf_counter(), []
+        for x, y, labelled in batches.epoch(rng):
+            logits = model(x)
+            loss = marginal_cross_entropy(logits, y, labelled)
+            loss = loss + config.dice_weight * soft_dice_loss(logits, y, labelled)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            if step < steps:
+                schedule.step()
+            step += 1
+            losses.append(loss.item())
+        summary = score(model, val_full, config)
+        m = mean_dice(summary)
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)) if losses else math.nan,
+                "val_mean_dice": m,
+                "val": summary,
+            }
+        )
+        per_class = " ".join(f"{k}={v['dice']:.3f}" for k, v in summary.items() if v["dice"])
+        log(
+            f"epoch {epoch + 1}/{config.epochs} loss {history[-1]['loss']:.4f} "
+            f"val {per_class} mean {m:.3f} ({time.perf_counter() - t0:.0f} s)"
+        )
+        if m > best:
+            best = m
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = model_metadata(config, len(train_set), len(val_set), score(model, val_full, config))
+    fp32 = export_onnx(
+        model, out / "model_fp32.onnx", input_size=config.input_size, metadata=metadata
+    )
+    (out / "training_history.json").write_text(json.dumps(history, indent=1))
+    shipped = out / "model.onnx"
+    if config.quantize:
+        calib = [_model_input(s.image, config) for s in train_set[:: max(1, len(train_set) // 64)]]
+        quantize_int8(fp32, shipped, calib)
+    else:
+        shipped.write_bytes(fp32.read_bytes())
+    (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    log(f"wrote {shipped} (best mean validation Dice {best:.3f})")
+    return shipped
+
+
+def _model_input(image: np.ndarray, config: TrainConfig) -> np.ndarray:
+    x = np.empty(image.shape, np.float32)
+    normalise(image, config.normalisation, x)
+    return x[None, None]
+
+
+def model_metadata(
+    config: TrainConfig, n_train: int, n_val: int, val_summary: dict[str, Any]
+) -> dict[str, Any]:
+    """The metadata stored in the ONNX file and metadata.json."""
+    return {
+        "name": config.name,
+        "version": config.version,
+        "class_names": list(CLASS_NAMES),
+        "input_size": list(config.input_size),
+        "input_channels": "grey",
+        "normalisation": config.normalisation,
+        "training_data": {
+            "datasets": list(config.datasets),
+            "train_images": n_train,
+            "val_images": n_val,
+            "needles": "rendered onto real frames (usguide.data.needle_render)",
+            "seed": config.seed,
+        },
+        "validation_metrics": {
+            "note": "torch model at input size, validation split",
+            **{
+                k: {"dice": v["dice"], "ci95": v["ci95"], "n": v["n"]}
+                for k, v in val_summary.items()
+            },
+        },
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+    }
