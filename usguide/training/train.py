@@ -83,9 +83,11 @@ def seed_everything(seed: int) -> None:
 
 
 def load_samples(config: TrainConfig, log: Log) -> tuple[list[Prepared], list[Prepared]]:
-    """Both data sets, split by subject group with the config's seed, resized to input size."""
+    """Both data sets, split by subject group with the config's seed, each image cropped to its
+    imaging area as the run-time stage crops it, and resized to input size."""
     from usguide.data.augment import resize_pair
     from usguide.data.datasets import DlTrackApo, UsgraSeg, split
+    from usguide.imaging_region import find_imaging_region
 
     makers = {"usgra-seg": UsgraSeg, "dltrack-apo": DlTrackApo}
     train: list[Prepared] = []
@@ -98,7 +100,12 @@ def load_samples(config: TrainConfig, log: Log) -> tuple[list[Prepared], list[Pr
         for indices, out in ((train_idx, train), (val_idx, val)):
             for i in indices:
                 s = dataset[i]
-                image, mask = resize_pair(s.image, s.mask, config.input_size)
+                box = find_imaging_region(s.image)
+                image, mask = s.image, s.mask
+                if box is not None:
+                    x0, y0, x1, y1 = box
+                    image, mask = image[y0 : y1 + 1, x0 : x1 + 1], mask[y0 : y1 + 1, x0 : x1 + 1]
+                image, mask = resize_pair(image, mask, config.input_size)
                 out.append(Prepared(image, mask, np.asarray(s.labelled, bool), s.name))
         log(f"{name}: {len(train_idx)} train, {len(val_idx)} validation images")
     return train, val
