@@ -13,7 +13,7 @@ from usguide.evaluate import DiceTable
 from usguide.labels import CLASS_NAMES
 from usguide.segment import DEFAULT_MODEL, ModelError, Segmenter, open_model
 from usguide.sources.dicom import DicomSource
-from usguide.sources.images import read_image, read_mask
+from usguide.sources.images import ImageSource, read_mask
 
 pytestmark = pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="shipped model missing")
 
@@ -135,12 +135,12 @@ def test_model_with_other_classes(tmp_path: Path) -> None:
 def test_accuracy_floor_on_held_out_real_images(segmenter: Segmenter) -> None:
     """Real nerve-block images from the validation split (never trained on): a regression guard."""
     table = DiceTable()
-    images = sorted((SAMPLES / "images").glob("*.png"))
-    assert len(images) >= 4
-    for path in images:
-        labels = segmenter(read_image(path)).copy()
-        truth = read_mask(SAMPLES / "masks" / path.name)
-        table.add(labels, truth, [True, True, True, False, True])
+    with ImageSource(SAMPLES / "images") as images:  # imaging area detected, as in the CLI
+        assert images.frame_count >= 4
+        for frame in images:
+            labels = segmenter(frame).copy()
+            truth = read_mask(SAMPLES / "masks" / Path(frame.source).name)
+            table.add(labels, truth, [True, True, True, False, True])
     summary = table.summary()
     assert summary["nerve"]["dice"] >= NERVE_FLOOR, summary
     assert summary["vessel"]["dice"] >= VESSEL_FLOOR, summary

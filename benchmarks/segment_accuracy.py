@@ -1,0 +1,145 @@
+"""Accuracy of the shipped segmentation model on the validation split, and its temporal stability.
+
+Usage::
+
+    python benchmarks/segment_accuracy.py [--model-dir models/usguide-seg] [--data DIR] [--seed 0]
+
+1. Per-class Dice with bootstrap 95% intervals on the validation split (the split training used,
+   same seed), at each image's native size through the runtime stage (onnxruntime), for every
+   model file in the folder side by side (model.onnx as shipped, model_fp32.onnx):
+   nerve and vessel on USGRA-Seg, fascia on DL_Track, and the needle rendered onto every
+   validation image at native size (a fixed seed, independent of the renders seen in training).
+2. Temporal stability: label agreement between consecutive frames (mean over classes present of
+   the Dice between frame t and t+1) on slowly moving sequences: validation frames under smooth
+   simulated probe motion, and the real 120-frame SonoSite cine. With and without smoothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from usguide.data.datasets import DlTrackApo, UsgraSeg, split
+from usguide.data.needle_render import random_pose, render_needle
+from usguide.evaluate import DiceTable, dice, format_table
+from usguide.frame import Frame, Region
+from usguide.imaging_region import find_imaging_region
+from usguide.labels import NEEDLE
+from usguide.segment import Segmenter
+from usguide.sources.dicom import DicomSource
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def validation_triples(
+    root: str | None, seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[bool, ...], str]]:
+    """(image, truth, labelled, kind) for the validation split, plus needle renders."""
+    rng = np.random.default_rng(seed + 20_000)
+    for dataset in (UsgraSeg(root), DlTrackApo(root)):
+        _, val = split(dataset, val_fraction=0.2, seed=seed)
+        for i in val:
+            s = dataset[i]
+            yield s.image, s.mask, s.labelled, dataset.__class__.__name__
+            pose = random_pose(s.image.shape, rng)
+            rendered = render_needle(s.image, pose, rng=rng)
+            mask = s.mask.copy()
+            mask[rendered.mask] = NEEDLE
+            yield rendered.image, mask, s.labelled, "needle"
+
+
+def as_frame(image: np.ndarray) -> Frame:
+    """The image as the CLI would see it: its imaging area found in the pixels."""
+    box = find_imaging_region(image)
+    region = Region(box, None, True, "detected") if box else Region.whole(*image.shape[:2])
+    return Frame(image, 0, None, None, region, "validation")
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean Dice between two label maps over the classes either shows."""
+    classes = [c for c in range(1, 5) if (a == c).any() or (b == c).any()]
+    if not classes:
+        return 1.0
+    return float(np.mean([dice(a == c, b == c) for c in classes]))
+
+
+def moving_sequence(image: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """A slow smooth drift (up to ~3 % of the width over the sequence) and a small rotation."""
+    h, w = image.shape
+    shift = np.cumsum(rng.normal(0, 0.15, (n, 2)), axis=0) * (w / 256)
+    angle = np.cumsum(rng.normal(0, 0.03, n))
+    frames = []
+    for k in range(n):
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), float(angle[k]), 1.0)
+        m[:, 2] += shift[k]
+        frames.append(
+            cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        )
+    return frames
+
+
+def stability(model: Path, frames_sets: list[list[np.ndarray]], smoothing: float) -> float:
+    seg = Segmenter(model, smoothing=smoothing)
+    values = []
+    for frames in frames_sets:
+        seg.reset()
+        previous = None
+        for f in frames:
+            labels = seg(f if isinstance(f, Frame) else as_frame(f)).copy()
+            if previous is not None:
+                values.append(agreement(previous, labels))
+            previous = labels
+    return float(np.mean(values))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", default=str(REPO / "models" / "usguide-seg"))
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    models = [
+        p
+        for p in (Path(args.model_dir) / n for n in ("model.onnx", "model_fp32.onnx"))
+        if p.exists()
+    ]
+    triples = list(validation_triples(args.data, args.seed))
+    print(
+        f"# segmentation accuracy: validation split seed {args.seed}, {len(triples)} images "
+        f"(real and with rendered needles), {platform.machine()} {os.cpu_count()} cores"
+    )
+    for model in models:
+        seg = Segmenter(model)
+        table = DiceTable()
+        for image, truth, labelled, _ in triples:
+            table.add(seg(as_frame(image)).copy(), truth, labelled)
+        print(f"\n## {model.name}\n")
+        print(format_table(table.summary(seed=args.seed)))
+
+    rng = np.random.default_rng(args.seed)
+    usgra = UsgraSeg(args.data)
+    _, val = split(usgra, val_fraction=0.2, seed=args.seed)
+    synthetic = [moving_sequence(usgra[i].image, 30, rng) for i in val[:10]]
+    with DicomSource(REPO / "tests" / "data" / "dicom" / "color3d_jpeg_baseline.dcm") as src:
+        cine = [[f for f in src]]
+    print("\n## temporal stability (mean Dice between consecutive label maps)\n")
+    print("| model | sequence | smoothing 0 | smoothing 0.5 |")
+    print("|---|---|---:|---:|")
+    for model in models:
+        for name, sets in (
+            ("10 val frames x 30, slow probe drift", synthetic),
+            ("SonoSite cine, 120 frames", cine),
+        ):
+            raw = stability(model, sets, 0.0)
+            smooth = stability(model, sets, 0.5)
+            print(f"| {model.name} | {name} | {raw:.3f} | {smooth:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""usguide segment and usguide evaluate: file naming, label PNGs, overlays, JSON, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from usguide.cli import app
+from usguide.segment import DEFAULT_MODEL
+
+pytestmark = pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="shipped model missing")
+runner = CliRunner()
+SAMPLES = Path(__file__).resolve().parent / "data" / "usgra-seg"
+
+
+def test_segment_images_cine_and_folder(tmp_path: Path, dicom_dir: Path) -> None:
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name in ("0002.png", "0050.png"):
+        shutil.copy(SAMPLES / "images" / name, images / name)
+    cine = tmp_path / "cine.dcm"
+    shutil.copy(dicom_dir / "examples_ybr_color.dcm", cine)  # 30 frames of 320 x 240
+    single = dicom_dir / "US1_UNCR.dcm"
+    out = tmp_path / "labels"
+    result = runner.invoke(
+        app, ["segment", str(images), str(cine), str(single), "--out", str(out), "--overlay"]
+    )
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in out.glob("*.png"))
+    expected = ["0002.png", "0050.png", "US1_UNCR.png"] + [f"cine_{i:05d}.png" for i in range(30)]
+    assert names == sorted(expected)
+    for name, shape in (
+        ("0002.png", (512, 512)),
+        ("0050.png", (512, 534)),
+        ("cine_00007.png", (240, 320)),
+    ):
+        labels = cv2.imread(str(out / name), cv2.IMREAD_UNCHANGED)
+        assert labels.dtype == np.uint8 and labels.shape == shape
+        assert labels.max() <= 4
+    overlay = cv2.imread(str(out / "overlays" / "0050.png"))
+    assert overlay.shape == (512, 534, 3)
+
+
+def test_evaluate_writes_json(tmp_path: Path) -> None:
+    report = tmp_path / "eval.json"
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--images",
+            str(SAMPLES / "images"),
+            "--masks",
+            str(SAMPLES / "masks"),
+            "--classes",
+            "nerve,vessel",
+            "--json",
+            str(report),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["images"] == 6
+    assert set(data["classes"]) == {"nerve", "vessel"}
+    for name in ("nerve", "vessel"):
+        c = data["classes"][name]
+        assert 0.0 <= c["ci95"][0] <= c["dice"] <= c["ci95"][1] <= 1.0
+    assert "| nerve |" in result.stdout
+
+
+def test_segment_bad_model_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"\x00" * 100)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "usguide.cli",
+            "segment",
+            str(SAMPLES / "images"),
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "broken.onnx" in lines[0] and "Traceback" not in result.stderr
