@@ -70,10 +70,12 @@ class TrainConfig:
 class Prepared:
     """A sample brought to the network's input size once, before training."""
 
-    image: np.ndarray  # (H, W) uint8
-    mask: np.ndarray  # (H, W) uint8
+    image: np.ndarray  # (H, W) uint8 at input size
+    mask: np.ndarray  # (H, W) uint8 at input size
     labelled: np.ndarray  # (C,) bool
     name: str
+    native_image: np.ndarray  # the imaging area at its own size, for needle rendering
+    native_mask: np.ndarray
 
 
 def seed_everything(seed: int) -> None:
@@ -105,21 +107,26 @@ def load_samples(config: TrainConfig, log: Log) -> tuple[list[Prepared], list[Pr
                 if box is not None:
                     x0, y0, x1, y1 = box
                     image, mask = image[y0 : y1 + 1, x0 : x1 + 1], mask[y0 : y1 + 1, x0 : x1 + 1]
-                image, mask = resize_pair(image, mask, config.input_size)
-                out.append(Prepared(image, mask, np.asarray(s.labelled, bool), s.name))
+                small, small_mask = resize_pair(image, mask, config.input_size)
+                labelled = np.asarray(s.labelled, bool)
+                out.append(Prepared(small, small_mask, labelled, s.name, image, mask))
         log(f"{name}: {len(train_idx)} train, {len(val_idx)} validation images")
     return train, val
 
 
-def with_needle(sample: Prepared, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The sample with a rendered needle: image and mask (needle class where it is drawn)."""
+def with_needle(
+    sample: Prepared, rng: np.random.Generator, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The sample with a needle rendered at the image's own resolution (as a real needle is
+    imaged), then brought to input ``size``: image and mask (needle class where drawn)."""
+    from usguide.data.augment import resize_pair
     from usguide.data.needle_render import random_pose, render_needle
 
-    pose = random_pose(sample.image.shape, rng)
-    rendered = render_needle(sample.image, pose, rng=rng)
-    mask = sample.mask.copy()
+    pose = random_pose(sample.native_image.shape, rng)
+    rendered = render_needle(sample.native_image, pose, rng=rng)
+    mask = sample.native_mask.copy()
     mask[rendered.mask] = NEEDLE
-    return rendered.image, mask
+    return resize_pair(rendered.image, mask, size)
 
 
 class Batches:
@@ -143,7 +150,7 @@ class Batches:
             for i in order[start : start + bs]:
                 s = self.samples[i]
                 if rng.random() < self.config.needle_probability:
-                    image, mask = with_needle(s, rng)
+                    image, mask = with_needle(s, rng, self.config.input_size)
                 else:
                     image, mask = s.image, s.mask
                 image, mask = self.augment(image, mask, rng)
@@ -159,13 +166,13 @@ class Batches:
             )
 
 
-def validation_set(val: list[Prepared], seed: int) -> list[Prepared]:
+def validation_set(val: list[Prepared], seed: int, size: tuple[int, int]) -> list[Prepared]:
     """Validation images as they are, plus each with a needle rendered from a fixed seed."""
     rng = np.random.default_rng(seed + 10_000)
     out = list(val)
     for s in val:
-        image, mask = with_needle(s, rng)
-        out.append(Prepared(image, mask, s.labelled, s.name + "+needle"))
+        image, mask = with_needle(s, rng, size)
+        out.append(Prepared(image, mask, s.labelled, s.name + "+needle", image, mask))
     return out
 
 
@@ -207,7 +214,7 @@ def train(config: TrainConfig, log: Log = print) -> Path:
     torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     train_set, val_set = load_samples(config, log)
-    val_full = validation_set(val_set, config.seed)
+    val_full = validation_set(val_set, config.seed, config.input_size)
     model = SegNet(len(CLASS_NAMES), config.channels, config.depth)
     optimiser = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
