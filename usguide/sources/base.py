@@ -264,6 +264,13 @@ class SeekableSource(FrameSource):
     def _first_pixels(self) -> np.ndarray | None:
         return self._read_pixels(0)[0]
 
+    def _iter_pixels(self) -> Iterator[tuple[int, np.ndarray, float | None]]:
+        # Frames in order through random access; a source with a cheaper sequential path
+        # (a video stream) overrides this.
+        for i in range(self.frame_count):
+            pixels, stamp = self._read_pixels(i)
+            yield i, pixels, stamp
+
     def read(self, index: int) -> Frame:
         """Frame ``index`` (negative counts from the end)."""
         n = self.frame_count

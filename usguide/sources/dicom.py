@@ -23,7 +23,7 @@ import os
 import struct
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -480,11 +480,6 @@ class DicomSource(SeekableSource):
             pixels = self._to_uint8(self._decode_pydicom(index))
         stamp = float(self._stamps[index]) if self._stamps is not None else None
         return pixels, stamp
-
-    def _iter_pixels(self) -> Iterator[tuple[int, np.ndarray, float | None]]:
-        for i in range(self._n_frames):
-            pixels, stamp = self._read_pixels(i)
-            yield i, pixels, stamp
 
     # -- what it holds -----------------------------------------------------------------------------
     @property

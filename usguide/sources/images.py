@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -152,11 +152,6 @@ class ImageSource(SeekableSource):
         pixels = self._first if index == 0 else read_image(self.files[index])
         stamp = index * self._frame_time if self._frame_time is not None else None
         return pixels, stamp
-
-    def _iter_pixels(self) -> Iterator[tuple[int, np.ndarray, float | None]]:
-        for i in range(len(self.files)):
-            pixels, stamp = self._read_pixels(i)
-            yield i, pixels, stamp
 
     def make_frame(self, index: int, pixels: np.ndarray, timestamp_s: float | None) -> Frame:
         """As the base, but each frame names its own file, and a differently sized image gets
