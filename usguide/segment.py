@@ -46,11 +46,6 @@ class ModelInfo:
     metadata: dict[str, str]
 
 
-def to_grey(pixels: np.ndarray) -> np.ndarray:
-    """``(H, W)`` uint8 grey from grey or RGB pixels (no copy for grey)."""
-    return pixels if pixels.ndim == 2 else cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
-
-
 def normalise(grey: np.ndarray, normalisation: dict[str, Any], out: np.ndarray) -> np.ndarray:
     """Fill ``out`` (float32, grey's shape) with the model's input values.
 
@@ -160,6 +155,7 @@ class Segmenter:
         n = len(self.info.class_names)
         # Buffers reused across frames: the hot path allocates nothing of model size per frame.
         self._small = np.empty((rows, cols), np.uint8)
+        self._small_rgb = np.empty((rows, cols, 3), np.uint8)
         self._x = np.empty((1, 1, rows, cols), np.float32)
         self._probs = np.empty((n, rows, cols), np.float32)
         self._current = np.empty((n, rows, cols), np.float32)
@@ -195,9 +191,14 @@ class Segmenter:
             pixels = frame
             bbox = (0, 0, pixels.shape[1] - 1, pixels.shape[0] - 1)
         x0, y0, x1, y1 = bbox
-        crop = to_grey(pixels[y0 : y1 + 1, x0 : x1 + 1])
+        crop = pixels[y0 : y1 + 1, x0 : x1 + 1]
         rows, cols = self.info.input_size
-        cv2.resize(crop, (cols, rows), dst=self._small, interpolation=cv2.INTER_AREA)
+        if crop.ndim == 2:
+            cv2.resize(crop, (cols, rows), dst=self._small, interpolation=cv2.INTER_AREA)
+        else:
+            # Shrink first, then grey: no region-sized temporary per frame.
+            cv2.resize(crop, (cols, rows), dst=self._small_rgb, interpolation=cv2.INTER_AREA)
+            cv2.cvtColor(self._small_rgb, cv2.COLOR_RGB2GRAY, dst=self._small)
         _, std = cv2.meanStdDev(self._small)
         if float(std[0, 0]) < FLAT_STD:
             # Black, saturated or frozen-uniform frame: nothing to label, and the model's answer
