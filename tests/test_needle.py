@@ -1,0 +1,196 @@
+"""Needle detection and tracking on small rendered sequences with exact ground truth.
+
+Needles are rendered onto a real nerve-block frame bundled with the tests; every frame goes
+through the shipped segmentation model, then the needle stage, as in ``usguide track``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from usguide.data.needle_render import NeedlePose, needle_sequence, render_needle
+from usguide.frame import Frame, Region
+from usguide.imaging_region import find_imaging_region
+from usguide.needle import NeedleConfig, NeedleDetection, NeedleStage, NeedleTracker
+from usguide.segment import Segmenter
+
+SPACING_MM = 0.1  # nominal, as in the benchmark; the frames carry no calibration
+
+
+@pytest.fixture(scope="module")
+def segmenter() -> Segmenter:
+    return Segmenter()
+
+
+@pytest.fixture(scope="module")
+def scan(test_data) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    image = cv2.imread(str(test_data / "usgra-seg" / "images" / "0050.png"), cv2.IMREAD_GRAYSCALE)
+    box = find_imaging_region(image) or (0, 0, image.shape[1] - 1, image.shape[0] - 1)
+    return image, box
+
+
+def frame_of(image: np.ndarray, i: int, box, spacing=None) -> Frame:
+    return Frame(image, i, i / 20.0, spacing, Region(box, spacing, True, "detected"), "test")
+
+
+def track(segmenter, images, box, stage=None, spacing=None):
+    stage = stage or NeedleStage()
+    segmenter.reset()
+    return [
+        stage(f, segmenter(f))
+        for f in (frame_of(im, i, box, spacing) for i, im in enumerate(images))
+    ]
+
+
+def tip_error_mm(state, truth_xy) -> float:
+    return math.hypot(state.tip_xy[0] - truth_xy[0], state.tip_xy[1] - truth_xy[1]) * SPACING_MM
+
+
+def straight_advance(image, box, n=30, angle=25.0, from_left=True, width=8.0, visibility=None):
+    """A needle entering at the upper edge of the region and advancing 0.3 mm a frame."""
+    x0, y0, x1, y1 = box
+    entry = (x0 - 0.5, y0 + 0.25 * (y1 - y0)) if from_left else (x1 + 0.5, y0 + 0.25 * (y1 - y0))
+    sign = 1.0 if from_left else -1.0
+    d = (sign * math.cos(math.radians(angle)), math.sin(math.radians(angle)))
+    rng = np.random.default_rng(1)
+    frames, truths = [], []
+    for i in range(n):
+        length = 60.0 + 3.0 * i
+        tip = (entry[0] + length * d[0], entry[1] + length * d[1])
+        vis = visibility(i) if visibility else None
+        pose = NeedlePose(entry, tip, width, vis)
+        drawn = render_needle(image, pose, rng=rng, region=box)
+        frames.append(drawn.image)
+        truths.append(drawn)
+    return frames, truths
+
+
+def test_straight_advance_tip_and_angle(segmenter, scan):
+    image, box = scan
+    frames, truths = straight_advance(image, box)
+    states = track(segmenter, frames, box)
+    # Seen from the second frame on (a new track is confirmed on two frames).
+    visible = [s.visible for s in states]
+    assert sum(visible[2:]) >= 0.9 * len(visible[2:])
+    errors = [tip_error_mm(s, t.tip_xy) for s, t in zip(states, truths, strict=True) if s.visible]
+    assert np.median(errors) <= 0.5
+    assert max(errors) <= 1.5
+    angles = [
+        abs(s.angle_deg - t.angle_deg) for s, t in zip(states, truths, strict=True) if s.visible
+    ]
+    assert np.median(angles) <= 2.0
+    assert all(s.side == "left" for s in states if s.visible)
+    lengths = [s.inserted_length_px for s in states if s.visible]
+    assert lengths[-1] > lengths[0] + 40  # it advanced ~80 px
+    assert all(s.tip_mm is None and s.inserted_length_mm is None for s in states)
+
+
+def test_steep_needle_from_the_right(segmenter, scan):
+    image, box = scan
+    frames, truths = straight_advance(image, box, angle=55.0, from_left=False)
+    states = track(segmenter, frames, box)
+    seen = [(s, t) for s, t in zip(states, truths, strict=True) if s.visible]
+    assert len(seen) >= 0.7 * len(states)
+    assert np.median([tip_error_mm(s, t.tip_xy) for s, t in seen]) <= 0.5
+    assert np.median([abs(s.angle_deg - t.angle_deg) for s, t in seen]) <= 2.0
+    assert all(s.side == "right" for s, _ in seen)
+
+
+def test_leaves_the_plane_and_comes_back(segmenter, scan):
+    image, box = scan
+    gone = range(12, 22)
+
+    def visibility(i):
+        return np.zeros(2) if i in gone else None
+
+    frames, truths = straight_advance(image, box, n=34, visibility=visibility)
+    config = NeedleConfig(hold_s=0.1)  # two frames at 20 frames per second
+    states = track(segmenter, frames, box, NeedleStage(config))
+    assert states[11].visible
+    # Not visible once the hold time has passed, and never a stale tip.
+    assert not any(s.visible for s in states[gone.start + 3 : gone.stop])
+    assert all(s.tip_xy is None for s in states if not s.visible)
+    # Picked up again within three frames of its return, at the right place.
+    back = [i for i in range(gone.stop, len(states)) if states[i].visible]
+    assert back and back[0] <= gone.stop + 3
+    assert tip_error_mm(states[back[0]], truths[back[0]].tip_xy) <= 1.0
+
+
+def test_no_needle_is_never_visible(segmenter, scan):
+    image, box = scan
+    rng = np.random.default_rng(3)
+    frames = [im for im, _ in needle_sequence(image, 40, rng, region=box, phases=[("absent", 40)])]
+    states = track(segmenter, frames, box)
+    assert not any(s.visible for s in states)
+    assert all(s.tip_xy is None and s.confidence == 0.0 for s in states)
+
+
+def test_calibrated_frames_report_mm(segmenter, scan):
+    image, box = scan
+    frames, truths = straight_advance(image, box, n=8)
+    spacing = (0.2, 0.1)  # anisotropic on purpose: rows are 0.2 mm
+    states = track(segmenter, frames, box, spacing=spacing)
+    s = states[-1]
+    assert s.visible and s.tip_mm is not None
+    assert s.tip_mm[0] == pytest.approx((s.tip_xy[0] - box[0]) * 0.1)
+    assert s.tip_mm[1] == pytest.approx((s.tip_xy[1] - box[1]) * 0.2)
+    # The angle is measured in mm: rows twice as long make the shaft steeper than in pixels.
+    pixel_angle = truths[-1].angle_deg
+    expected = math.degrees(math.atan(2 * math.tan(math.radians(pixel_angle))))
+    assert s.angle_deg == pytest.approx(expected, abs=2.0)
+    assert s.inserted_length_mm is not None and s.inserted_length_mm > 0
+
+
+def detection(x: float, y: float, confidence: float = 0.9) -> NeedleDetection:
+    return NeedleDetection(
+        (x, y), (0.0, 0.0), 30.0, "left", 50.0, 100.0, 1.0, 1.0, 0.5, True, confidence
+    )
+
+
+def test_one_false_detection_causes_no_jump():
+    tracker = NeedleTracker(NeedleConfig(confirm_frames=2))
+    box = (0, 0, 639, 479)
+    blank = np.zeros((480, 640), np.uint8)
+    tips = [(100.0 + 2 * i, 100.0 + i) for i in range(10)]
+    states = [tracker.update(detection(*t), frame_of(blank, i, box)) for i, t in enumerate(tips)]
+    assert states[0].status == "acquiring" and not states[0].visible
+    assert states[-1].visible and math.dist(states[-1].tip_xy, tips[-1]) < 2.0
+    jump = tracker.update(detection(400.0, 300.0), frame_of(blank, 10, box))
+    assert jump.visible and math.dist(jump.tip_xy, (120.0, 110.0)) < 3.0
+    after = tracker.update(detection(122.0, 111.0), frame_of(blank, 11, box))
+    assert after.status == "tracking" and math.dist(after.tip_xy, (122.0, 111.0)) < 2.0
+
+
+def test_agreeing_outliers_move_the_track():
+    config = NeedleConfig(confirm_frames=1, reinit_frames=3)
+    tracker = NeedleTracker(config)
+    box = (0, 0, 639, 479)
+    blank = np.zeros((480, 640), np.uint8)
+    for i in range(5):
+        tracker.update(detection(100.0, 100.0), frame_of(blank, i, box))
+    for i in range(5, 8):
+        state = tracker.update(detection(400.0, 300.0), frame_of(blank, i, box))
+    assert math.dist(state.tip_xy, (400.0, 300.0)) < 2.0
+
+
+def test_hold_then_not_visible():
+    tracker = NeedleTracker(NeedleConfig(confirm_frames=1, hold_s=0.1))
+    box = (0, 0, 639, 479)
+    blank = np.zeros((480, 640), np.uint8)
+    tracker.update(detection(100.0, 100.0), frame_of(blank, 0, box))
+    coast = [tracker.update(None, frame_of(blank, i, box)) for i in range(1, 5)]
+    assert [s.visible for s in coast] == [True, True, False, False]
+    assert coast[0].status == "coasting" and coast[0].confidence < 0.9
+    assert coast[2].status == "not visible" and coast[2].tip_xy is None
+
+
+def test_frames_without_a_needle_or_image_give_no_detection(segmenter):
+    stage = NeedleStage()
+    black = np.zeros((480, 640), np.uint8)
+    frame = frame_of(black, 0, (0, 0, 639, 479))
+    assert stage.detector(frame, segmenter(frame)) is None
+    assert stage.detector(frame_of(np.zeros((8, 8), np.uint8), 0, (0, 0, 7, 7)), None) is None

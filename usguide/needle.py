@@ -1,0 +1,720 @@
+"""Needle detection and tracking: where the shaft lies, where its tip is, and whether it is seen.
+
+Per frame, :class:`NeedleDetector` combines the segmentation model's needle class with the image's
+own line evidence:
+
+1. **Candidates**, on a half-size copy of the imaging region: the pixels the model labels needle
+   and the brightest thin ridges of the image (a white top-hat keeps bright structures thinner
+   than ~2 mm, so thick fascia bands drop out).
+2. **Shaft**: RANSAC line through the candidates, model pixels counting more; then a weighted fit
+   to the shaft's centre line at full resolution.
+3. **Tip**: the intensity profile along the axis, minus the tissue just above the shaft (the
+   reverberations are below it). The tip is where the profile falls to half the shaft's level
+   near its far end: the half-maximum point, which is also how the needle renderer defines it.
+4. **Tip or out-of-plane end**: a real tip ends sharply with a bright bevel; a shaft leaving the
+   beam's plane fades out. The ratio of the last 1.5 mm to the shaft before it tells the two
+   apart, and a faded end is reported as "tip not visible".
+5. **Insertion side**: the shaft is followed back, upward, to where it meets the region's edge.
+
+:class:`NeedleTracker` filters the tip and angle with a constant-velocity Kalman filter. A single
+detection far from the track is rejected rather than followed (no jump); a new track must be seen
+on ``confirm_frames`` consecutive frames; after ``hold_s`` without a detection the tip is reported
+not visible instead of a stale position.
+
+Millimetres are reported only when the frame is calibrated. Physical thresholds (shortest shaft,
+bevel length) use the frame's spacing, or ``NeedleConfig.nominal_spacing_mm`` when it is unknown;
+that guess is never reported as a measurement.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from usguide.frame import Frame
+from usguide.labels import NEEDLE
+
+Side = Literal["left", "right"]
+
+
+@dataclass(frozen=True, slots=True)
+class NeedleConfig:
+    """Settings of needle detection and tracking.
+
+    Attributes
+    ----------
+    min_length_mm : float
+        Shortest visible shaft taken as a needle.
+    min_contrast : float
+        Least grey-level excess of the shaft over the tissue just above it.
+    min_confidence : float
+        Detections below this confidence are ignored.
+    tip_ratio : float
+        A shaft end whose last ``bevel_mm`` is dimmer than this fraction of the shaft before it
+        is a shaft fading out of plane, not a tip.
+    bevel_mm : float
+        Length of the tip's end region compared with the shaft for ``tip_ratio``.
+    hold_s : float
+        How long the tracker coasts on its prediction before saying "tip not visible".
+    confirm_frames : int
+        Consecutive detections needed to start a track.
+    gate_mm : float
+        A detection further than this from the predicted tip (plus 3 sigma of the filter) is an
+        outlier.
+    reinit_frames : int
+        Consecutive outliers that agree with each other restart the track there.
+    min_angle_deg, max_angle_deg : float
+        Shaft angles to the probe surface that are searched.
+    nominal_spacing_mm : float
+        mm per pixel assumed for thresholds when the frame is not calibrated (never reported).
+    frame_time_s : float
+        Frame interval assumed when frames carry no timestamps (for ``hold_s``).
+    ransac_iterations : int
+        Line hypotheses tried per frame.
+    seed : int
+        Seed of the RANSAC sampling: the same frames give the same answers.
+    confidence_weights : tuple of float
+        Logistic weights of a detection's confidence over :func:`detection_features`.
+    """
+
+    min_length_mm: float = 2.5
+    min_contrast: float = 20.0
+    min_confidence: float = 0.5
+    tip_ratio: float = 0.6
+    bevel_mm: float = 1.5
+    hold_s: float = 0.1
+    confirm_frames: int = 2
+    gate_mm: float = 3.0
+    reinit_frames: int = 3
+    min_angle_deg: float = 3.0
+    max_angle_deg: float = 80.0
+    nominal_spacing_mm: float = 0.1
+    frame_time_s: float = 0.05
+    ransac_iterations: int = 192
+    seed: int = 0
+    # Logistic weights over :func:`detection_features`, fitted on rendered sequences of the
+    # training split by ``benchmarks/needle_confidence_fit.py``.
+    confidence_weights: tuple[float, ...] = (-9.015, 5.671, 0.888, 1.297, 4.158, -1.724)
+
+
+@dataclass(frozen=True, slots=True)
+class NeedleDetection:
+    """The needle found in one frame, before tracking. Coordinates are frame pixels.
+
+    Attributes
+    ----------
+    tip_xy : (float, float)
+        Far end of the visible shaft (the tip when ``tip_in_plane``).
+    entry_xy : (float, float)
+        Where the shaft's axis meets the imaging region's edge on the insertion side.
+    angle_deg : float
+        Angle between shaft and probe surface (the region's top edge), degrees.
+    side : "left" or "right"
+        Side the needle comes from.
+    visible_length_px : float
+        Length of shaft with needle evidence, pixels.
+    contrast : float
+        Grey-level excess of the shaft over the tissue above it.
+    end_ratio : float
+        Brightness of the last ``bevel_mm`` relative to the shaft before it.
+    model_support : float
+        Fraction of the visible shaft the segmentation model labels needle (0 to 1).
+    wander_px : float
+        RMS distance of the shaft's centre line from the fitted axis, pixels (a needle is
+        straight).
+    tip_in_plane : bool
+        The shaft ends in a tip, not by fading out of the imaging plane.
+    confidence : float
+        0 to 1.
+    """
+
+    tip_xy: tuple[float, float]
+    entry_xy: tuple[float, float]
+    angle_deg: float
+    side: Side
+    visible_length_px: float
+    contrast: float
+    end_ratio: float
+    model_support: float
+    wander_px: float
+    tip_in_plane: bool
+    confidence: float
+
+
+@dataclass(frozen=True, slots=True)
+class NeedleState:
+    """What the tracker reports for one frame.
+
+    Attributes
+    ----------
+    frame_index : int
+    visible : bool
+        The tip is seen (or was, less than ``hold_s`` ago, while coasting).
+    tip_xy : (float, float) or None
+        Tip in frame pixels; None when not visible.
+    tip_mm : (float, float) or None
+        Tip in mm from the imaging region's top-left corner (x across, y depth); None when not
+        visible or the frame is not calibrated.
+    angle_deg : float or None
+        Shaft angle to the probe surface, degrees (in mm space when calibrated).
+    inserted_length_mm : float or None
+        Length along the shaft from the region's edge (entry) to the tip; None when not visible
+        or not calibrated.
+    inserted_length_px : float or None
+        The same in pixels.
+    side : "left", "right" or None
+    shaft_visible : bool
+        A shaft is detected in this frame, whether or not its tip is in plane.
+    confidence : float
+        0 to 1; decays while coasting.
+    status : str
+        ``"tracking"``, ``"coasting"``, ``"acquiring"`` or ``"not visible"``.
+    """
+
+    frame_index: int
+    visible: bool
+    tip_xy: tuple[float, float] | None
+    tip_mm: tuple[float, float] | None
+    angle_deg: float | None
+    inserted_length_mm: float | None
+    inserted_length_px: float | None
+    side: Side | None
+    shaft_visible: bool
+    confidence: float
+    status: str
+
+
+def _grey_region(frame: Frame) -> np.ndarray:
+    x0, y0, x1, y1 = frame.region.bbox
+    crop = frame.pixels[y0 : y1 + 1, x0 : x1 + 1]
+    if crop.ndim == 3:
+        return cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
+    return crop
+
+
+def _frame_spacing(frame: Frame) -> tuple[float, float] | None:
+    spacing = frame.region.spacing_mm or frame.spacing_mm
+    return (float(spacing[0]), float(spacing[1])) if spacing else None
+
+
+def _box_range(c: np.ndarray, d: np.ndarray, width: int, height: int) -> tuple[float, float] | None:
+    """Parameters (s_lo, s_hi) where the line c + s d lies inside [-0.5, W-0.5] x [-0.5, H-0.5]."""
+    lo, hi = -math.inf, math.inf
+    for p, v, limit in ((c[0], d[0], width - 0.5), (c[1], d[1], height - 0.5)):
+        if abs(v) < 1e-9:
+            if not -0.5 <= p <= limit:
+                return None
+            continue
+        a, b = (-0.5 - p) / v, (limit - p) / v
+        lo, hi = max(lo, min(a, b)), min(hi, max(a, b))
+    return (lo, hi) if lo < hi else None
+
+
+class NeedleDetector:
+    """Find the needle in one frame from its pixels and the segmentation labels.
+
+    Call it with a :class:`~usguide.frame.Frame` and, optionally, the frame's label map
+    (``(H, W)`` uint8, class 4 needle). Returns a :class:`NeedleDetection` or None.
+    """
+
+    def __init__(self, config: NeedleConfig | None = None) -> None:
+        self.config = config or NeedleConfig()
+        self._rng = np.random.default_rng(self.config.seed)
+        self._kernels: dict[int, np.ndarray] = {}
+
+    def reset(self) -> None:
+        """Restart the RANSAC sampling sequence (a new source)."""
+        self._rng = np.random.default_rng(self.config.seed)
+
+    def __call__(self, frame: Frame, labels: np.ndarray | None = None) -> NeedleDetection | None:
+        cfg = self.config
+        grey = _grey_region(frame)
+        height, width = grey.shape
+        if height < 16 or width < 16:
+            return None
+        spacing = _frame_spacing(frame)
+        mm_per_px = math.sqrt(spacing[0] * spacing[1]) if spacing else cfg.nominal_spacing_mm
+        # Work at ~0.2 mm per pixel for the search: a needle is >= 0.5 mm thick.
+        f = max(1, round(0.2 / mm_per_px))
+        small = (
+            cv2.resize(grey, (width // f, height // f), interpolation=cv2.INTER_AREA)
+            if f > 1
+            else grey
+        )
+        # Keep bright structures thinner than ~2 mm (needle shafts), drop thick bands.
+        k = max(5, round(2.0 / (mm_per_px * f)) | 1)
+        kernel = self._kernels.get(k)
+        if kernel is None:
+            kernel = self._kernels[k] = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+        ridge = cv2.morphologyEx(small, cv2.MORPH_TOPHAT, kernel)
+
+        model_points, ridge_points, ridge_weights = self._candidates(frame, labels, ridge, f)
+        # The model's needle pixels define the shaft when it sees enough of them; the image's
+        # ridges alone are a weaker fallback (confidence then rests on length and contrast).
+        if len(model_points) >= 8:
+            points, weights = model_points, np.ones(len(model_points), np.float32)
+        else:
+            points, weights = ridge_points, ridge_weights
+        if len(points) < 2:
+            return None
+        fit = self._ransac(points, weights, tol=1.5)
+        if fit is None:
+            return None
+        centre, direction, extent = fit
+        # Small-image pixel centres to region pixel centres.
+        centre = (centre + 0.5) * f - 0.5
+        extent = (extent[0] * f, extent[1] * f)
+        model_mask = None
+        if labels is not None:
+            x0, y0, x1, y1 = frame.region.bbox
+            model_mask = labels[y0 : y1 + 1, x0 : x1 + 1]
+        from_model = len(model_points) >= 8
+        return self._measure(
+            grey, model_mask, centre, direction, extent, from_model, mm_per_px, frame
+        )
+
+    def _candidates(
+        self, frame: Frame, labels: np.ndarray | None, ridge: np.ndarray, f: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Model needle points, ridge points and ridge weights, (x, y) in small-image pixels."""
+        cfg = self.config
+        h, w = ridge.shape
+        model = np.empty((0, 2), np.float32)
+        if labels is not None:
+            x0, y0 = frame.region.bbox[:2]
+            # Each small pixel's label is the label at its centre in the full frame.
+            sub = labels[y0 + f // 2 : y0 + h * f : f, x0 + f // 2 : x0 + w * f : f]
+            ys, xs = np.nonzero(sub == NEEDLE)
+            if len(xs) > 600:
+                keep = self._rng.choice(len(xs), 600, replace=False)
+                xs, ys = xs[keep], ys[keep]
+            model = np.column_stack([xs, ys]).astype(np.float32)
+        hist = np.bincount(ridge.ravel(), minlength=256)
+        # The brightest 0.5 % of ridges, and never below the least contrast of a shaft.
+        above = np.cumsum(hist[::-1])
+        top = 255 - int(np.searchsorted(above, 0.005 * ridge.size))
+        ys, xs = np.nonzero(ridge >= max(int(cfg.min_contrast), top))
+        if len(xs) > 600:
+            keep = self._rng.choice(len(xs), 600, replace=False)
+            xs, ys = xs[keep], ys[keep]
+        ridge_points = np.column_stack([xs, ys]).astype(np.float32)
+        return model, ridge_points, ridge[ys, xs].astype(np.float32) / 255.0
+
+    def _ransac(
+        self, points: np.ndarray, weights: np.ndarray, tol: float
+    ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]] | None:
+        """Best line by weighted inliers: centre, unit direction pointing down the image, and the
+        inliers' extent (s_min, s_max) along it from the centre."""
+        cfg = self.config
+        n = len(points)
+        k = cfg.ransac_iterations
+        i = self._rng.integers(0, n, k)
+        j = self._rng.integers(0, n, k)
+        d = points[j] - points[i]
+        norm = np.hypot(d[:, 0], d[:, 1])
+        ok = norm > 3.0
+        if not ok.any():
+            return None
+        d = d[ok] / norm[ok, None]
+        p = points[i[ok]]
+        angle = np.degrees(np.arctan2(np.abs(d[:, 1]), np.abs(d[:, 0])))
+        ok = (angle >= cfg.min_angle_deg) & (angle <= cfg.max_angle_deg)
+        if not ok.any():
+            return None
+        d, p = d[ok], p[ok]
+        # (hypotheses, points) distances, vectorised.
+        dist = np.abs(
+            (points[None, :, 0] - p[:, None, 0]) * d[:, None, 1]
+            - (points[None, :, 1] - p[:, None, 1]) * d[:, None, 0]
+        )
+        inlier = dist <= tol
+        best = int(np.argmax(inlier @ weights))
+        mask = inlier[best]
+        if mask.sum() < 2:
+            return None
+        pts, w = points[mask], weights[mask]
+        centre = (pts * w[:, None]).sum(0) / w.sum()
+        cov = np.cov((pts - centre).T, aweights=w)
+        direction = np.linalg.eigh(cov)[1][:, -1]
+        if direction[1] < 0:
+            direction = -direction
+        s = (pts - centre) @ direction
+        return centre.astype(np.float64), direction.astype(np.float64), (s.min(), s.max())
+
+    def _profile(
+        self, grey: np.ndarray, centre: np.ndarray, direction: np.ndarray, s: np.ndarray, half: int
+    ) -> np.ndarray:
+        """Grey levels on a band along the axis: ``(len(s), 2*half+1)``, rows along the shaft,
+        columns across it (negative is above the shaft)."""
+        normal = _down_normal(direction)
+        v = np.arange(-half, half + 1, dtype=np.float64)
+        xs = centre[0] + s[:, None] * direction[0] + v[None, :] * normal[0]
+        ys = centre[1] + s[:, None] * direction[1] + v[None, :] * normal[1]
+        band = cv2.remap(
+            grey,
+            xs.astype(np.float32),
+            ys.astype(np.float32),
+            cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
+        return band.astype(np.float32)
+
+    def _measure(
+        self,
+        grey: np.ndarray,
+        model_mask: np.ndarray | None,
+        centre: np.ndarray,
+        direction: np.ndarray,
+        extent: tuple[float, float],
+        from_model: bool,
+        mm_per_px: float,
+        frame: Frame,
+    ) -> NeedleDetection | None:
+        cfg = self.config
+        height, width = grey.shape
+        # Half-width of the band: the shaft (<= 1.3 mm) plus tissue above it for the background.
+        half = max(4, math.ceil(1.6 / mm_per_px))
+        core = max(1, round(0.15 / mm_per_px))
+        margin = 1.0 / mm_per_px
+        reach = min(half - 2, math.ceil(1.0 / mm_per_px))
+        s = np.empty(0)
+        for step in range(4):
+            span = _box_range(centre, direction, width, height)
+            if span is None:
+                return None
+            s = np.arange(math.ceil(span[0]), math.floor(span[1]) + 1, dtype=np.float64)
+            if len(s) < 8:
+                return None
+            band = self._profile(grey, centre, direction, s, half)
+            background = band[:, : max(2, half // 3)].mean(1)
+            if step == 3:
+                break
+            # Re-centre the axis on the ridge: the offset of the brightness centroid across the
+            # shaft, fitted along the part the candidates cover.
+            offsets, strength = _centre_offsets(band, background, half, reach)
+            use = (s >= extent[0] - margin) & (s <= extent[1] + margin) & (strength > 0)
+            if use.sum() < 4:
+                break
+            slope, intercept = np.polyfit(s[use], offsets[use], 1, w=np.sqrt(strength[use]))
+            centre = centre + intercept * _down_normal(direction)
+            direction = direction + slope * _down_normal(direction)
+            direction /= math.hypot(direction[0], direction[1])
+            if direction[1] < 0:
+                direction = -direction
+
+        # How far the shaft lifts the tissue toward white: a bright shaft over bright tissue adds
+        # fewer grey levels than over dark tissue, but the same fraction of the way to 255.
+        room = np.maximum(255.0 - background, 20.0)
+        profile = (band[:, half - core : half + core + 1].mean(1) - background) * (255.0 / room)
+        smooth_n = max(1, round(0.3 / mm_per_px))
+        profile = np.convolve(profile, np.ones(smooth_n) / smooth_n, mode="same")
+        covered = (s >= extent[0]) & (s <= extent[1])
+        if not covered.any():
+            return None
+        level = float(np.percentile(profile[covered], 90))
+        if level < cfg.min_contrast:
+            return None
+        # The shaft: the run of evidence that overlaps the candidates most, bridging gaps of up to
+        # 1 mm (out-of-plane dips, speckle).
+        gap = max(2, round(1.0 / mm_per_px))
+        runs = _runs(profile >= 0.5 * level, gap)
+        if not runs:
+            return None
+        start, stop = max(runs, key=lambda r: (covered[r[0] : r[1]].sum(), r[1]))
+        length_px = float((profile[start:stop] >= 0.5 * level).sum())
+        if length_px * mm_per_px < cfg.min_length_mm:
+            return None
+        contrast = float(np.percentile(profile[start:stop], 75))
+        # A needle is straight: its centre line stays on the fitted axis (fascia curves away).
+        offsets, strength = _centre_offsets(band, background, half, reach)
+        on_shaft = strength[start:stop] > 0
+        wander = (
+            float(np.sqrt(np.mean(offsets[start:stop][on_shaft] ** 2))) if on_shaft.any() else 0.0
+        )
+        # Tip: the half-maximum of the shaft's end (bevel included), crossed going outward.
+        bevel = max(2, round(cfg.bevel_mm / mm_per_px))
+        # The model's needle pixels end near the tip: bright tissue in line beyond it does not
+        # extend the shaft.
+        limit = len(s) - 1
+        if from_model:
+            limit = int(np.searchsorted(s, extent[1] + 0.5 / mm_per_px, side="right")) - 1
+        last = max(start, min(stop - 1, limit))
+        local = float(profile[max(start, last - bevel + 1) : last + 1].max())
+        half_level = 0.5 * local
+        while last + 1 <= limit and profile[last + 1] >= half_level:
+            last += 1
+        while last > start and profile[last] < half_level:
+            last -= 1
+        s_tip = s[last]
+        if last + 1 < len(s):
+            a, b = profile[last], profile[last + 1]
+            if a > b:
+                s_tip += float(np.clip((a - half_level) / (a - b), 0.0, 1.0))
+        end = profile[max(start, last - bevel + 1) : last + 1]
+        before = profile[max(start, last - 3 * bevel + 1) : max(start, last - bevel + 1)]
+        end_ratio = float(end.mean() / before.mean()) if before.size and before.mean() > 0 else 1.0
+        support = 0.0
+        if model_mask is not None:
+            t = s[start : last + 1]
+            xs = np.rint(centre[0] + t * direction[0]).astype(np.int64)
+            ys = np.rint(centre[1] + t * direction[1]).astype(np.int64)
+            inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
+            if inside.any():
+                support = float((model_mask[ys[inside], xs[inside]] == NEEDLE).mean())
+        x0, y0 = frame.region.bbox[:2]
+        tip = (centre[0] + s_tip * direction[0] + x0, centre[1] + s_tip * direction[1] + y0)
+        # Entry: where the axis, followed back up the image, meets the region's edge.
+        entry = (centre[0] + s[0] * direction[0] + x0, centre[1] + s[0] * direction[1] + y0)
+        spacing = _frame_spacing(frame)
+        dx, dy = abs(direction[0]), abs(direction[1])
+        if spacing:
+            dx, dy = dx * spacing[1], dy * spacing[0]
+        features = detection_features(
+            support, contrast, length_px * mm_per_px, end_ratio, wander * mm_per_px
+        )
+        logit = float(np.dot(cfg.confidence_weights, features))
+        confidence = 1.0 / (1.0 + math.exp(-logit))
+        return NeedleDetection(
+            tip_xy=(float(tip[0]), float(tip[1])),
+            entry_xy=(float(entry[0]), float(entry[1])),
+            angle_deg=math.degrees(math.atan2(dy, dx)),
+            side="left" if direction[0] >= 0 else "right",
+            visible_length_px=length_px,
+            contrast=contrast,
+            end_ratio=end_ratio,
+            model_support=support,
+            wander_px=wander,
+            tip_in_plane=end_ratio >= cfg.tip_ratio,
+            confidence=confidence,
+        )
+
+
+def detection_features(
+    support: float, contrast: float, length_mm: float, end_ratio: float, wander_mm: float
+) -> np.ndarray:
+    """The numbers a detection's confidence is computed from (a logistic model over them):
+    1 (bias), model support, contrast / 100, visible length (mm, capped at 10) / 10, end ratio
+    (capped at 2) and centre-line wander (mm)."""
+    return np.array(
+        [1.0, support, contrast / 100.0, min(length_mm, 10.0) / 10.0, min(end_ratio, 2.0),
+         wander_mm],
+    )  # fmt: skip
+
+
+def _centre_offsets(
+    band: np.ndarray, background: np.ndarray, half: int, reach: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Offset of the shaft's centre from the axis at each position, and its weight.
+
+    The centroid of what lies above half the maximum across the shaft: the centre of a thick
+    shaft whatever its wall pattern.
+    """
+    inner = band[:, half - reach : half + reach + 1] - background[:, None]
+    inner = np.maximum(inner - 0.5 * inner.max(1, keepdims=True), 0.0)
+    strength = inner.sum(1)
+    offsets = (inner @ np.arange(-reach, reach + 1, dtype=np.float32)) / np.maximum(strength, 1e-6)
+    return offsets.astype(np.float64), strength
+
+
+def _down_normal(direction: np.ndarray) -> np.ndarray:
+    """Unit normal to the axis pointing down the image (toward the reverberations)."""
+    normal = np.array([-direction[1], direction[0]])
+    return -normal if normal[1] < 0 else normal
+
+
+def _runs(above: np.ndarray, gap: int) -> list[tuple[int, int]]:
+    """[start, stop) runs of True, joining runs separated by fewer than ``gap`` False samples."""
+    idx = np.flatnonzero(above)
+    if idx.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) > gap)
+    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+    stops = np.concatenate([idx[breaks], [idx[-1]]]) + 1
+    return list(zip(starts.tolist(), stops.tolist(), strict=True))
+
+
+class NeedleTracker:
+    """Kalman filter on the tip (x, y) and the shaft angle, constant velocity, with gating.
+
+    Feed it one :class:`NeedleDetection` (or None) per frame through :meth:`update`. Time comes
+    from the frames' timestamps, or from ``NeedleConfig.frame_time_s`` per frame index.
+    """
+
+    def __init__(self, config: NeedleConfig | None = None) -> None:
+        self.config = config or NeedleConfig()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the track (a new source, a seek)."""
+        self._state: np.ndarray | None = None  # x, y, angle, vx, vy, v_angle
+        self._cov = np.eye(6)
+        self._time: float | None = None
+        self._seen_at = -math.inf
+        self._pending: list[NeedleDetection] = []
+        self._outliers: list[NeedleDetection] = []
+        self._last: NeedleDetection | None = None
+        self._confidence = 0.0
+
+    @property
+    def tracking(self) -> bool:
+        """A confirmed track exists (visible or coasting)."""
+        return self._state is not None
+
+    def update(self, detection: NeedleDetection | None, frame: Frame) -> NeedleState:
+        cfg = self.config
+        t = frame.timestamp_s if frame.timestamp_s is not None else frame.index * cfg.frame_time_s
+        spacing = _frame_spacing(frame)
+        mm_per_px = math.sqrt(spacing[0] * spacing[1]) if spacing else cfg.nominal_spacing_mm
+        gate_px = cfg.gate_mm / mm_per_px
+        shaft_visible = detection is not None
+        usable = detection if detection is not None and detection.tip_in_plane else None
+        updated = False
+        if self._state is not None:
+            self._predict(t, mm_per_px)
+            if usable is not None and usable.confidence >= 0.6 * cfg.min_confidence:
+                spread = 3.0 * math.sqrt(max(self._cov[0, 0], self._cov[1, 1]))
+                distance = math.hypot(
+                    usable.tip_xy[0] - self._state[0], usable.tip_xy[1] - self._state[1]
+                )
+                if distance <= gate_px + spread:
+                    self._correct(usable, mm_per_px)
+                    self._outliers.clear()
+                    updated = True
+                elif usable.confidence >= cfg.min_confidence:
+                    # One outlier moves nothing; several that agree mean the needle is there.
+                    self._outliers.append(usable)
+                    if len(self._outliers) >= cfg.reinit_frames and _agree(
+                        self._outliers[-cfg.reinit_frames :], gate_px
+                    ):
+                        self._start(usable, t)
+                        updated = True
+            if updated:
+                self._seen_at = t
+                self._last = usable
+                self._confidence = usable.confidence if usable else 0.0
+            elif t - self._seen_at > cfg.hold_s + 1e-9:
+                self._state = None  # lost: say so rather than show a stale tip
+                self._outliers.clear()
+        else:
+            self._time = t
+            if usable is not None and usable.confidence >= cfg.min_confidence:
+                if self._pending and not _agree([self._pending[-1], usable], gate_px):
+                    self._pending.clear()
+                self._pending.append(usable)
+                if len(self._pending) >= cfg.confirm_frames:
+                    self._start(usable, t)
+                    self._seen_at = t
+                    self._last = usable
+                    self._confidence = usable.confidence
+                    updated = True
+            else:
+                self._pending.clear()
+
+        if self._state is None:
+            status = "acquiring" if self._pending else "not visible"
+            return NeedleState(
+                frame.index, False, None, None, None, None, None, None, shaft_visible, 0.0, status
+            )
+        assert self._last is not None
+        tip = (float(self._state[0]), float(self._state[1]))
+        confidence = self._confidence
+        if not updated:
+            confidence *= max(0.0, 1.0 - (t - self._seen_at) / max(cfg.hold_s, 1e-9))
+        x0, y0 = frame.region.bbox[:2]
+        entry = self._last.entry_xy
+        length_px = math.hypot(tip[0] - entry[0], tip[1] - entry[1])
+        tip_mm = length_mm = None
+        if spacing:
+            tip_mm = ((tip[0] - x0) * spacing[1], (tip[1] - y0) * spacing[0])
+            length_mm = math.hypot(
+                (tip[0] - entry[0]) * spacing[1], (tip[1] - entry[1]) * spacing[0]
+            )
+        return NeedleState(
+            frame_index=frame.index,
+            visible=True,
+            tip_xy=tip,
+            tip_mm=tip_mm,
+            angle_deg=float(self._state[2]),
+            inserted_length_mm=length_mm,
+            inserted_length_px=length_px,
+            side=self._last.side,
+            shaft_visible=shaft_visible,
+            confidence=float(confidence),
+            status="tracking" if updated else "coasting",
+        )
+
+    def _start(self, detection: NeedleDetection, t: float) -> None:
+        self._state = np.array([*detection.tip_xy, detection.angle_deg, 0.0, 0.0, 0.0])
+        self._cov = np.diag([4.0, 4.0, 1.0, 400.0, 400.0, 25.0])
+        self._time = t
+        self._pending.clear()
+        self._outliers.clear()
+
+    def _predict(self, t: float, mm_per_px: float) -> None:
+        assert self._state is not None
+        dt = max(0.0, t - (self._time if self._time is not None else t))
+        self._time = t
+        if dt == 0.0:
+            return
+        f = np.eye(6)
+        f[0, 3] = f[1, 4] = f[2, 5] = dt
+        # White acceleration: hand-held needles change speed within a fraction of a second.
+        accel = np.array([20.0 / mm_per_px, 20.0 / mm_per_px, 30.0])  # px/s^2, px/s^2, deg/s^2
+        q = np.zeros((6, 6))
+        for i in range(3):
+            a2 = accel[i] ** 2
+            q[i, i] = a2 * dt**4 / 4
+            q[i, i + 3] = q[i + 3, i] = a2 * dt**3 / 2
+            q[i + 3, i + 3] = a2 * dt**2
+        self._state = f @ self._state
+        self._cov = f @ self._cov @ f.T + q
+
+    def _correct(self, detection: NeedleDetection, mm_per_px: float) -> None:
+        assert self._state is not None
+        sigma_px = (0.1 / mm_per_px) / max(detection.confidence, 0.2)
+        r = np.diag([sigma_px**2, sigma_px**2, 0.5**2])
+        h = np.zeros((3, 6))
+        h[0, 0] = h[1, 1] = h[2, 2] = 1.0
+        z = np.array([*detection.tip_xy, detection.angle_deg])
+        innovation = z - h @ self._state
+        s = h @ self._cov @ h.T + r
+        gain = self._cov @ h.T @ np.linalg.inv(s)
+        self._state = self._state + gain @ innovation
+        self._cov = (np.eye(6) - gain @ h) @ self._cov
+
+
+def _agree(detections: list[NeedleDetection], gate_px: float) -> bool:
+    """Consecutive detections whose tips lie within the gate of each other."""
+    return all(
+        math.hypot(a.tip_xy[0] - b.tip_xy[0], a.tip_xy[1] - b.tip_xy[1]) <= gate_px
+        for a, b in itertools.pairwise(detections)
+    )
+
+
+class NeedleStage:
+    """Detection and tracking together: one :class:`NeedleState` per frame.
+
+    Call it with each frame and its label map (or None when no segmentation ran).
+    :attr:`detection` holds the frame's raw detection, for display of the shaft.
+    """
+
+    def __init__(self, config: NeedleConfig | None = None) -> None:
+        self.config = config or NeedleConfig()
+        self.detector = NeedleDetector(self.config)
+        self.tracker = NeedleTracker(self.config)
+        self.detection: NeedleDetection | None = None
+
+    def reset(self) -> None:
+        self.detector.reset()
+        self.tracker.reset()
+        self.detection = None
+
+    def __call__(self, frame: Frame, labels: np.ndarray | None) -> NeedleState:
+        self.detection = self.detector(frame, labels)
+        return self.tracker.update(self.detection, frame)
