@@ -382,6 +382,82 @@ def evaluate(
     err.print(f"{len(pairs)} images; results written to {json_out}")
 
 
+TRACK_COLUMNS = (
+    "frame", "visible", "tip_x", "tip_y", "tip_x_mm", "tip_y_mm", "angle_deg", "confidence",
+)  # fmt: skip
+
+
+@app.command()
+def track(
+    input_path: Annotated[
+        str,
+        typer.Argument(
+            metavar="INPUT", help="A DICOM cine, a video, or an image folder (sorted by name)."
+        ),
+    ],
+    out_csv: Annotated[str, typer.Option("--out", help="CSV of the tip, one row per frame.")],
+    model: ModelOption = None,
+    hold: Annotated[
+        float,
+        typer.Option(help="Seconds the tip may go unseen before it is reported not visible."),
+    ] = 0.1,
+    spacing: SpacingOption = None,
+    region: RegionOption = None,
+    detect: DetectOption = True,
+) -> None:
+    """Find and track the needle tip: one CSV row per frame with the columns frame, visible,
+    tip_x, tip_y (frame pixels), tip_x_mm, tip_y_mm (mm from the imaging region's top-left
+    corner; empty when uncalibrated), angle_deg (shaft to probe surface) and confidence."""
+    import csv
+    import os
+    from dataclasses import replace
+    from pathlib import Path
+
+    from usguide.needle import NeedleConfig, NeedleStage
+    from usguide.segment import Segmenter
+    from usguide.sources import open_source
+
+    target = Path(out_csv)
+    partial = target.with_name(target.name + ".partial")
+    with user_errors():
+        if hold < 0:
+            raise UsguideError("--hold", f"must be 0 or more seconds, got {hold}")
+        segmenter = Segmenter(model)
+        stage = NeedleStage(replace(NeedleConfig(), hold_s=hold))
+        source = open_source(input_path, **source_options(spacing, region, detect))
+        if target.parent != Path():
+            target.parent.mkdir(parents=True, exist_ok=True)
+        visible = rows = 0
+        # Rows go to OUT.partial as they come (nothing is lost if the run stops); the finished
+        # file takes its name only once every frame is in.
+        with open(partial, "w", newline="") as f, make_progress() as bar, source:
+            writer = csv.writer(f)
+            writer.writerow(TRACK_COLUMNS)
+            task = bar.add_task("tracking", total=source.frame_count)
+            for frame in source:
+                state = stage(frame, segmenter(frame))
+                tip, mm = state.tip_xy, state.tip_mm
+                writer.writerow(
+                    [
+                        frame.index,
+                        int(state.visible),
+                        f"{tip[0]:.2f}" if tip else "",
+                        f"{tip[1]:.2f}" if tip else "",
+                        f"{mm[0]:.3f}" if mm else "",
+                        f"{mm[1]:.3f}" if mm else "",
+                        f"{state.angle_deg:.2f}" if state.angle_deg is not None else "",
+                        f"{state.confidence:.3f}",
+                    ]
+                )
+                f.flush()
+                rows += 1
+                visible += state.visible
+                bar.advance(task)
+        os.replace(partial, target)
+    calibrated = "" if source.spacing_mm else " (uncalibrated: mm columns empty)"
+    err.print(f"tip visible in {visible} of {rows} frames; wrote {target}{calibrated}")
+
+
 @app.command()
 def train(
     config: Annotated[str, typer.Option("--config", help="TOML training configuration.")],
