@@ -1,0 +1,83 @@
+"""Fit the needle detector's confidence (a logistic model) on rendered sequences of the training
+split, and print the weights for ``NeedleConfig.confidence_weights``.
+
+Usage::
+
+    python benchmarks/needle_confidence_fit.py [--model PATH] [--sequences 20] [--frames 60]
+
+A detection is a positive when the tip is truly visible and the detected tip lies within 1 mm of
+the truth (at the nominal 0.1 mm per pixel); everything else the detector returns (no needle,
+tip out of plane, wrong structure) is a negative. The validation split is never used here:
+``benchmarks/needle_tracking.py`` measures on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import numpy as np
+from needle_tracking import sequences
+
+from usguide.data.needle_render import DEFAULT_SPACING_MM
+from usguide.frame import Frame, Region
+from usguide.needle import NeedleConfig, NeedleDetector, detection_features
+from usguide.segment import DEFAULT_MODEL, Segmenter
+
+
+def logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 50) -> np.ndarray:
+    """Weights by Newton's method with a small ridge penalty (not on the bias)."""
+    w = np.zeros(x.shape[1])
+    penalty = np.full(x.shape[1], l2)
+    penalty[0] = 0.0
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        grad = x.T @ (p - y) + penalty * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty)
+        w -= np.linalg.solve(hess + 1e-9 * np.eye(len(w)), grad)
+    return w
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--sequences", type=int, default=20, help="per data set")
+    parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    segmenter = Segmenter(args.model)
+    detector = NeedleDetector(replace(NeedleConfig()))
+    rows, labels = [], []
+    for _, frames, truths, box in sequences(
+        args.data, args.sequences, args.frames, args.seed, subset="train"
+    ):
+        segmenter.reset()
+        for i, (image, truth) in enumerate(zip(frames, truths, strict=True)):
+            frame = Frame(image, i, None, None, Region(box, None, True, "detected"), "fit")
+            d = detector(frame, segmenter(frame))
+            if d is None:
+                continue
+            mm = DEFAULT_SPACING_MM
+            rows.append(
+                detection_features(
+                    d.model_support, d.contrast, d.visible_length_px * mm, d.end_ratio,
+                    d.wander_px * mm,
+                )
+            )  # fmt: skip
+            good = truth.tip_visible and np.hypot(*np.subtract(d.tip_xy, truth.tip_xy)) * mm <= 1.0
+            labels.append(float(good))
+    x, y = np.array(rows), np.array(labels)
+    w = logistic_fit(x, y)
+    p = 1.0 / (1.0 + np.exp(-(x @ w)))
+    print(f"{len(y)} detections, {int(y.sum())} positives")
+    print("confidence_weights = (" + ", ".join(f"{v:.3f}" for v in w) + ")")
+    for threshold in (0.3, 0.5, 0.7, 0.9):
+        keep = p >= threshold
+        precision = (y[keep].sum() / keep.sum()) if keep.any() else float("nan")
+        recall = y[keep].sum() / max(y.sum(), 1)
+        print(f"threshold {threshold}: precision {precision:.3f}, recall {recall:.3f}")
+
+
+if __name__ == "__main__":
+    main()
