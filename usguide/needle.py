@@ -59,6 +59,8 @@ class NeedleConfig:
         is a shaft fading out of plane, not a tip.
     bevel_mm : float
         Length of the tip's end region compared with the shaft for ``tip_ratio``.
+    beyond_model_mm : float
+        How far past the model's last needle pixel the shaft may be followed to its tip.
     hold_s : float
         How long the tracker coasts on its prediction before saying "tip not visible".
     confirm_frames : int
@@ -87,6 +89,7 @@ class NeedleConfig:
     min_confidence: float = 0.5
     tip_ratio: float = 0.6
     bevel_mm: float = 1.5
+    beyond_model_mm: float = 2.0
     hold_s: float = 0.1
     confirm_frames: int = 2
     gate_mm: float = 3.0
@@ -439,11 +442,12 @@ class NeedleDetector:
         )
         # Tip: the half-maximum of the shaft's end (bevel included), crossed going outward.
         bevel = max(2, round(cfg.bevel_mm / mm_per_px))
-        # The model's needle pixels end near the tip: bright tissue in line beyond it does not
-        # extend the shaft.
+        # The model's needle pixels end near the tip: bright tissue in line far beyond them does
+        # not extend the shaft (a little does: the model may stop short of a faint tip).
         limit = len(s) - 1
         if from_model:
-            limit = int(np.searchsorted(s, extent[1] + 0.5 / mm_per_px, side="right")) - 1
+            reach_mm = cfg.beyond_model_mm
+            limit = int(np.searchsorted(s, extent[1] + reach_mm / mm_per_px, side="right")) - 1
         last = max(start, min(stop - 1, limit))
         local = float(profile[max(start, last - bevel + 1) : last + 1].max())
         half_level = 0.5 * local
