@@ -89,7 +89,7 @@ class NeedleConfig:
     min_confidence: float = 0.5
     tip_ratio: float = 0.6
     bevel_mm: float = 1.5
-    beyond_model_mm: float = 2.0
+    beyond_model_mm: float = 1.0
     hold_s: float = 0.1
     confirm_frames: int = 2
     gate_mm: float = 3.0
