@@ -1,6 +1,6 @@
 """The segmentation network: a small U-Net of depthwise-separable blocks, built for the CPU.
 
-Sized for live display on two CPU cores: about 5 ms per 256 x 256 grey frame in onnxruntime
+Sized for live display on two CPU cores: 6-7 ms per 256 x 256 grey frame in onnxruntime
 (fp32, 2 threads). A full-resolution head keeps thin structures (needle shafts, fascia bands) that
 a head at half resolution would blur away.
 """
