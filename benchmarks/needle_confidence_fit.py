@@ -61,8 +61,8 @@ def main() -> None:
             mm = DEFAULT_SPACING_MM
             rows.append(
                 detection_features(
-                    d.model_support, d.contrast, d.visible_length_px * mm, d.end_ratio,
-                    d.wander_px * mm,
+                    d.model_support, d.model_width_mm, d.contrast, d.visible_length_px * mm,
+                    d.end_ratio, d.wander_px * mm,
                 )
             )  # fmt: skip
             good = truth.tip_visible and np.hypot(*np.subtract(d.tip_xy, truth.tip_xy)) * mm <= 1.0

@@ -147,7 +147,18 @@ def test_calibrated_frames_report_mm(segmenter, scan):
 
 def detection(x: float, y: float, confidence: float = 0.9) -> NeedleDetection:
     return NeedleDetection(
-        (x, y), (0.0, 0.0), 30.0, "left", 50.0, 100.0, 1.0, 1.0, 0.5, True, confidence
+        tip_xy=(x, y),
+        entry_xy=(0.0, 0.0),
+        angle_deg=30.0,
+        side="left",
+        visible_length_px=50.0,
+        contrast=100.0,
+        end_ratio=1.0,
+        model_support=1.0,
+        model_width_mm=0.8,
+        wander_px=0.5,
+        tip_in_plane=True,
+        confidence=confidence,
     )
 
 

@@ -59,6 +59,9 @@ class NeedleConfig:
         is a shaft fading out of plane, not a tip.
     bevel_mm : float
         Length of the tip's end region compared with the shaft for ``tip_ratio``.
+    run_fraction : float
+        Part of the shaft's level (90th percentile) that counts as shaft evidence along the
+        axis; lower keeps the faint, partly out-of-plane end of a shaft.
     beyond_model_mm : float
         How far past the model's last needle pixel the shaft may be followed to its tip.
     hold_s : float
@@ -90,6 +93,7 @@ class NeedleConfig:
     tip_ratio: float = 0.6
     bevel_mm: float = 1.5
     beyond_model_mm: float = 1.0
+    run_fraction: float = 0.3
     hold_s: float = 0.1
     confirm_frames: int = 2
     gate_mm: float = 3.0
@@ -102,7 +106,7 @@ class NeedleConfig:
     seed: int = 0
     # Logistic weights over :func:`detection_features`, fitted on rendered sequences of the
     # training split by ``benchmarks/needle_confidence_fit.py``.
-    confidence_weights: tuple[float, ...] = (-9.015, 5.671, 0.888, 1.297, 4.158, -1.724)
+    confidence_weights: tuple[float, ...] = (-10.288, 4.294, 1.668, 1.077, 0.158, 5.646, -4.319)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +131,9 @@ class NeedleDetection:
         Brightness of the last ``bevel_mm`` relative to the shaft before it.
     model_support : float
         Fraction of the visible shaft the segmentation model labels needle (0 to 1).
+    model_width_mm : float
+        Mean width of the model's needle pixels across the shaft, mm (at the nominal spacing
+        when uncalibrated).
     wander_px : float
         RMS distance of the shaft's centre line from the fitted axis, pixels (a needle is
         straight).
@@ -144,6 +151,7 @@ class NeedleDetection:
     contrast: float
     end_ratio: float
     model_support: float
+    model_width_mm: float
     wander_px: float
     tip_in_plane: bool
     confidence: float
@@ -350,7 +358,13 @@ class NeedleDetector:
         return centre.astype(np.float64), direction.astype(np.float64), (s.min(), s.max())
 
     def _profile(
-        self, grey: np.ndarray, centre: np.ndarray, direction: np.ndarray, s: np.ndarray, half: int
+        self,
+        image: np.ndarray,
+        centre: np.ndarray,
+        direction: np.ndarray,
+        s: np.ndarray,
+        half: int,
+        interpolation: int = cv2.INTER_LINEAR,
     ) -> np.ndarray:
         """Grey levels on a band along the axis: ``(len(s), 2*half+1)``, rows along the shaft,
         columns across it (negative is above the shaft)."""
@@ -359,10 +373,10 @@ class NeedleDetector:
         xs = centre[0] + s[:, None] * direction[0] + v[None, :] * normal[0]
         ys = centre[1] + s[:, None] * direction[1] + v[None, :] * normal[1]
         band = cv2.remap(
-            grey,
+            image,
             xs.astype(np.float32),
             ys.astype(np.float32),
-            cv2.INTER_LINEAR,
+            interpolation,
             borderMode=cv2.BORDER_CONSTANT,
             borderValue=0,
         )
@@ -385,7 +399,7 @@ class NeedleDetector:
         half = max(4, math.ceil(1.6 / mm_per_px))
         core = max(1, round(0.15 / mm_per_px))
         margin = 1.0 / mm_per_px
-        reach = min(half - 2, math.ceil(1.0 / mm_per_px))
+        reach = min(half - 2, math.ceil(0.8 / mm_per_px))  # the widest shaft (18 G) and its blur
         s = np.empty(0)
         for step in range(4):
             span = _box_range(centre, direction, width, height)
@@ -395,7 +409,10 @@ class NeedleDetector:
             if len(s) < 8:
                 return None
             band = self._profile(grey, centre, direction, s, half)
+            # Tissue just above the shaft, but never brighter than its median along the axis:
+            # where the shaft passes just under a bright fascia band, the band is not background.
             background = band[:, : max(2, half // 3)].mean(1)
+            np.minimum(background, float(np.median(background)), out=background)
             if step == 3:
                 break
             # Re-centre the axis on the ridge: the offset of the brightness centroid across the
@@ -404,7 +421,7 @@ class NeedleDetector:
             use = (s >= extent[0] - margin) & (s <= extent[1] + margin) & (strength > 0)
             if use.sum() < 4:
                 break
-            slope, intercept = np.polyfit(s[use], offsets[use], 1, w=np.sqrt(strength[use]))
+            slope, intercept = _robust_line(s[use], offsets[use], np.sqrt(strength[use]))
             centre = centre + intercept * _down_normal(direction)
             direction = direction + slope * _down_normal(direction)
             direction /= math.hypot(direction[0], direction[1])
@@ -426,11 +443,11 @@ class NeedleDetector:
         # The shaft: the run of evidence that overlaps the candidates most, bridging gaps of up to
         # 1 mm (out-of-plane dips, speckle).
         gap = max(2, round(1.0 / mm_per_px))
-        runs = _runs(profile >= 0.5 * level, gap)
+        runs = _runs(profile >= cfg.run_fraction * level, gap)
         if not runs:
             return None
         start, stop = max(runs, key=lambda r: (covered[r[0] : r[1]].sum(), r[1]))
-        length_px = float((profile[start:stop] >= 0.5 * level).sum())
+        length_px = float((profile[start:stop] >= cfg.run_fraction * level).sum())
         if length_px * mm_per_px < cfg.min_length_mm:
             return None
         contrast = float(np.percentile(profile[start:stop], 75))
@@ -463,14 +480,17 @@ class NeedleDetector:
         end = profile[max(start, last - bevel + 1) : last + 1]
         before = profile[max(start, last - 3 * bevel + 1) : max(start, last - bevel + 1)]
         end_ratio = float(end.mean() / before.mean()) if before.size and before.mean() > 0 else 1.0
-        support = 0.0
+        support = model_width = 0.0
         if model_mask is not None:
-            t = s[start : last + 1]
-            xs = np.rint(centre[0] + t * direction[0]).astype(np.int64)
-            ys = np.rint(centre[1] + t * direction[1]).astype(np.int64)
-            inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
-            if inside.any():
-                support = float((model_mask[ys[inside], xs[inside]] == NEEDLE).mean())
+            # The model's needle pixels across the shaft, along its visible length: how much of
+            # it the model sees, and how wide (a needle mask is as wide as the needle).
+            needle = (model_mask == NEEDLE).view(np.uint8)
+            across = self._profile(
+                needle, centre, direction, s[start : last + 1], reach, cv2.INTER_NEAREST
+            ).sum(1)
+            support = float((across > 0).mean())
+            if support > 0:
+                model_width = float(across[across > 0].mean()) * mm_per_px
         x0, y0 = frame.region.bbox[:2]
         tip = (centre[0] + s_tip * direction[0] + x0, centre[1] + s_tip * direction[1] + y0)
         # Entry: where the axis, followed back up the image, meets the region's edge.
@@ -480,7 +500,7 @@ class NeedleDetector:
         if spacing:
             dx, dy = dx * spacing[1], dy * spacing[0]
         features = detection_features(
-            support, contrast, length_px * mm_per_px, end_ratio, wander * mm_per_px
+            support, model_width, contrast, length_px * mm_per_px, end_ratio, wander * mm_per_px
         )
         logit = float(np.dot(cfg.confidence_weights, features))
         confidence = 1.0 / (1.0 + math.exp(-logit))
@@ -493,6 +513,7 @@ class NeedleDetector:
             contrast=contrast,
             end_ratio=end_ratio,
             model_support=support,
+            model_width_mm=model_width,
             wander_px=wander,
             tip_in_plane=end_ratio >= cfg.tip_ratio,
             confidence=confidence,
@@ -500,15 +521,33 @@ class NeedleDetector:
 
 
 def detection_features(
-    support: float, contrast: float, length_mm: float, end_ratio: float, wander_mm: float
+    support: float,
+    model_width_mm: float,
+    contrast: float,
+    length_mm: float,
+    end_ratio: float,
+    wander_mm: float,
 ) -> np.ndarray:
     """The numbers a detection's confidence is computed from (a logistic model over them):
-    1 (bias), model support, contrast / 100, visible length (mm, capped at 10) / 10, end ratio
-    (capped at 2) and centre-line wander (mm)."""
+    1 (bias), model support, width of the model's needle mask (mm, capped at 1.5), contrast / 100,
+    visible length (mm, capped at 10) / 10, end ratio (capped at 1.2: a brighter end is a bevel,
+    a much brighter one is no more needle-like) and centre-line wander (mm)."""
     return np.array(
-        [1.0, support, contrast / 100.0, min(length_mm, 10.0) / 10.0, min(end_ratio, 2.0),
-         wander_mm],
+        [1.0, support, min(model_width_mm, 1.5), contrast / 100.0, min(length_mm, 10.0) / 10.0,
+         min(end_ratio, 1.2), wander_mm],
     )  # fmt: skip
+
+
+def _robust_line(t: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """Weighted least-squares line y = a t + b, refitted without the points far from the first
+    fit (a bright band crossing the shaft pulls a few centres off the axis)."""
+    a, b = np.polyfit(t, y, 1, w=w)
+    residual = np.abs(y - (a * t + b))
+    spread = 1.4826 * float(np.median(residual))
+    keep = residual <= max(1.0, 2.5 * spread)
+    if 4 <= keep.sum() < len(t):
+        a, b = np.polyfit(t[keep], y[keep], 1, w=w[keep])
+    return float(a), float(b)
 
 
 def _centre_offsets(
