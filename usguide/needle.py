@@ -398,7 +398,6 @@ class NeedleDetector:
         # Half-width of the band: the shaft (<= 1.3 mm) plus tissue above it for the background.
         half = max(4, math.ceil(1.6 / mm_per_px))
         core = max(1, round(0.15 / mm_per_px))
-        margin = 1.0 / mm_per_px
         reach = min(half - 2, math.ceil(0.8 / mm_per_px))  # the widest shaft (18 G) and its blur
         s = np.empty(0)
         for step in range(4):
@@ -418,7 +417,7 @@ class NeedleDetector:
             # Re-centre the axis on the ridge: the offset of the brightness centroid across the
             # shaft, fitted along the part the candidates cover.
             offsets, strength = _centre_offsets(band, background, half, reach)
-            use = (s >= extent[0] - margin) & (s <= extent[1] + margin) & (strength > 0)
+            use = (s >= extent[0]) & (s <= extent[1]) & (strength > 0.25 * strength.max())
             if use.sum() < 4:
                 break
             slope, intercept = _robust_line(s[use], offsets[use], np.sqrt(strength[use]))
