@@ -52,6 +52,9 @@ class NeedleConfig:
         Shortest visible shaft taken as a needle.
     min_contrast : float
         Least grey-level excess of the shaft over the tissue just above it.
+    max_width_mm : float
+        The model's needle pixels across a shaft never span more than this (18 G is 1.27 mm);
+        a wider region is not a needle.
     min_confidence : float
         Detections below this confidence are ignored.
     tip_ratio : float
@@ -89,6 +92,7 @@ class NeedleConfig:
 
     min_length_mm: float = 2.5
     min_contrast: float = 20.0
+    max_width_mm: float = 1.6
     min_confidence: float = 0.5
     tip_ratio: float = 0.6
     bevel_mm: float = 1.5
@@ -490,6 +494,8 @@ class NeedleDetector:
             support = float((across > 0).mean())
             if support > 0:
                 model_width = float(across[across > 0].mean()) * mm_per_px
+            if model_width > cfg.max_width_mm:
+                return None  # wider than any needle: a blob the model mistook
         x0, y0 = frame.region.bbox[:2]
         tip = (centre[0] + s_tip * direction[0] + x0, centre[1] + s_tip * direction[1] + y0)
         # Entry: where the axis, followed back up the image, meets the region's edge.
