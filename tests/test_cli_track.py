@@ -52,8 +52,8 @@ def test_columns_rows_and_tips(tmp_path: Path, needle_folder) -> None:
     assert len(seen) >= 9
     for r in seen:
         truth = truths[int(r["frame"])]
-        assert abs(float(r["tip_x"]) - truth.tip_xy[0]) < 10  # 1 mm at the nominal 0.1 mm/px
-        assert abs(float(r["tip_y"]) - truth.tip_xy[1]) < 10
+        assert abs(float(r["tip_x"]) - truth.tip_xy[0]) < 15  # 1.5 mm at the nominal 0.1 mm/px
+        assert abs(float(r["tip_y"]) - truth.tip_xy[1]) < 15
         assert abs(float(r["angle_deg"]) - truth.angle_deg) < 3
         assert r["tip_x_mm"] == r["tip_y_mm"] == ""  # PNGs carry no calibration
     for r in rows:

@@ -110,7 +110,7 @@ class NeedleConfig:
     seed: int = 0
     # Logistic weights over :func:`detection_features`, fitted on rendered sequences of the
     # training split by ``benchmarks/needle_confidence_fit.py``.
-    confidence_weights: tuple[float, ...] = (-10.288, 4.294, 1.668, 1.077, 0.158, 5.646, -4.319)
+    confidence_weights: tuple[float, ...] = (-11.947, 5.716, 0.992, 1.337, 0.297, 5.337, -1.254)
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,6 +469,14 @@ class NeedleDetector:
             reach_mm = cfg.beyond_model_mm
             limit = int(np.searchsorted(s, extent[1] + reach_mm / mm_per_px, side="right")) - 1
         last = max(start, min(stop - 1, limit))
+        # The tip is the steepest fall of the profile near the end of the shaft: a bright band
+        # in line beyond the tip (which the model may label too) ends with a smaller fall.
+        step = max(1, round(0.3 / mm_per_px))
+        lo = max(start, last - round(3.0 / mm_per_px))
+        hi = min(limit, len(s) - 1 - step)
+        if hi > lo:
+            fall = profile[lo : hi + 1] - profile[lo + step : hi + 1 + step]
+            last = lo + int(np.argmax(fall))
         local = float(profile[max(start, last - bevel + 1) : last + 1].max())
         half_level = 0.5 * local
         while last + 1 <= limit and profile[last + 1] >= half_level:
