@@ -271,7 +271,8 @@ class NeedleDetector:
         model_points, ridge_points, ridge_weights = self._candidates(frame, labels, ridge, f)
         # The model's needle pixels define the shaft when it sees enough of them; the image's
         # ridges alone are a weaker fallback (confidence then rests on length and contrast).
-        if len(model_points) >= 8:
+        from_model = len(model_points) >= 8
+        if from_model:
             points, weights = model_points, np.ones(len(model_points), np.float32)
         else:
             points, weights = ridge_points, ridge_weights
@@ -288,7 +289,6 @@ class NeedleDetector:
         if labels is not None:
             x0, y0, x1, y1 = frame.region.bbox
             model_mask = labels[y0 : y1 + 1, x0 : x1 + 1]
-        from_model = len(model_points) >= 8
         return self._measure(
             grey, model_mask, centre, direction, extent, from_model, mm_per_px, frame
         )
@@ -471,11 +471,11 @@ class NeedleDetector:
         last = max(start, min(stop - 1, limit))
         # The tip is the steepest fall of the profile near the end of the shaft: a bright band
         # in line beyond the tip (which the model may label too) ends with a smaller fall.
-        step = max(1, round(0.3 / mm_per_px))
+        fall_px = max(1, round(0.3 / mm_per_px))
         lo = max(start, last - round(3.0 / mm_per_px))
-        hi = min(limit, len(s) - 1 - step)
+        hi = min(limit, len(s) - 1 - fall_px)
         if hi > lo:
-            fall = profile[lo : hi + 1] - profile[lo + step : hi + 1 + step]
+            fall = profile[lo : hi + 1] - profile[lo + fall_px : hi + 1 + fall_px]
             last = lo + int(np.argmax(fall))
         local = float(profile[max(start, last - bevel + 1) : last + 1].max())
         half_level = 0.5 * local
@@ -495,9 +495,12 @@ class NeedleDetector:
         if model_mask is not None:
             # The model's needle pixels across the shaft, along its visible length: how much of
             # it the model sees, and how wide (a needle mask is as wide as the needle).
-            needle = (model_mask == NEEDLE).view(np.uint8)
-            across = self._profile(
-                needle, centre, direction, s[start : last + 1], reach, cv2.INTER_NEAREST
+            # Labels sampled on the band only: no region-sized temporary per frame.
+            across = (
+                self._profile(
+                    model_mask, centre, direction, s[start : last + 1], reach, cv2.INTER_NEAREST
+                )
+                == NEEDLE
             ).sum(1)
             support = float((across > 0).mean())
             if support > 0:
