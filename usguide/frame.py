@@ -7,9 +7,13 @@ image coordinates. Image coordinates are (x, y) with the origin top-left; arrays
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:  # the stages import Frame; only their result types are named here
+    from usguide.guidance import GuidanceResult
+    from usguide.needle import NeedleState
 
 RegionOrigin = Literal["dicom", "detected", "user", "frame"]
 SpacingMM = tuple[float, float]
@@ -126,6 +130,11 @@ class Frame:
     def is_colour(self) -> bool:
         return self.pixels.ndim == 3
 
+    @property
+    def region_spacing_mm(self) -> SpacingMM | None:
+        """Millimetres per pixel ``(row, col)`` inside the primary region; None when unknown."""
+        return self.region.spacing_mm or self.spacing_mm
+
 
 @dataclass(slots=True)
 class FrameResult:
@@ -140,8 +149,20 @@ class FrameResult:
         once segmentation has run.
     stage_ms : dict of str to float
         Time each stage took on this frame, in milliseconds.
+    needle : NeedleState or None
+        The needle tracker's answer, once the needle stage has run.
+    guidance : GuidanceResult or None
+        Targets, distances and warnings, once the guidance stage has run.
+    overlay : ndarray or None
+        ``(H, W, 3)`` uint8 RGB picture for display; reused by the next frame, copy to keep it.
+    errors : dict of str to str
+        Stages that failed on this frame and why; their output is None and not drawn.
     """
 
     frame: Frame
     labels: np.ndarray | None = None
     stage_ms: dict[str, float] = field(default_factory=dict)
+    needle: NeedleState | None = None
+    guidance: GuidanceResult | None = None
+    overlay: np.ndarray | None = None
+    errors: dict[str, str] = field(default_factory=dict)

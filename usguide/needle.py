@@ -189,6 +189,8 @@ class NeedleState:
         0 to 1; decays while coasting.
     status : str
         ``"tracking"``, ``"coasting"``, ``"acquiring"`` or ``"not visible"``.
+    entry_xy : (float, float) or None
+        Where the shaft meets the imaging region's edge, frame pixels; None when not visible.
     """
 
     frame_index: int
@@ -202,6 +204,7 @@ class NeedleState:
     shaft_visible: bool
     confidence: float
     status: str
+    entry_xy: tuple[float, float] | None = None
 
 
 def _grey_region(frame: Frame) -> np.ndarray:
@@ -213,7 +216,7 @@ def _grey_region(frame: Frame) -> np.ndarray:
 
 
 def _frame_spacing(frame: Frame) -> tuple[float, float] | None:
-    spacing = frame.region.spacing_mm or frame.spacing_mm
+    spacing = frame.region_spacing_mm
     return (float(spacing[0]), float(spacing[1])) if spacing else None
 
 
@@ -706,6 +709,7 @@ class NeedleTracker:
             shaft_visible=shaft_visible,
             confidence=float(confidence),
             status="tracking" if updated else "coasting",
+            entry_xy=(float(entry[0]), float(entry[1])),
         )
 
     def _start(self, detection: NeedleDetection, t: float) -> None:
