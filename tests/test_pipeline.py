@@ -1,0 +1,169 @@
+"""The pipeline runner: stages, timings, sinks, live mode and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from usguide.demo import DEMO_SPACING_MM, DemoScan
+from usguide.errors import CorruptSourceError
+from usguide.frame import Frame, Region
+from usguide.pipeline import STAGES, Pipeline, run_live, run_playback
+from usguide.sinks import JsonLinesLog, VideoSink
+
+
+@pytest.fixture(scope="module")
+def demo() -> DemoScan:
+    return DemoScan()
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Pipeline:
+    return Pipeline()
+
+
+def frames_of(demo: DemoScan, indices: range) -> list[Frame]:
+    return [demo.read(i) for i in indices]
+
+
+def test_demo_scan_is_calibrated_and_deterministic(demo: DemoScan) -> None:
+    a, b = demo.read(80), DemoScan().read(80)
+    assert np.array_equal(a.pixels, b.pixels)
+    assert a.spacing_mm == (DEMO_SPACING_MM, DEMO_SPACING_MM)
+    assert "assumed" in a.region.note
+    assert demo.tip_truth(10) is None and demo.tip_truth(80) is not None
+
+
+def test_every_stage_runs_and_is_timed(demo: DemoScan, pipeline: Pipeline) -> None:
+    pipeline.reset()
+    results = [pipeline.process(f) for f in frames_of(demo, range(60, 100))]
+    last = results[-1]
+    assert last.labels is not None and last.labels.shape == last.frame.pixels.shape[:2]
+    assert last.overlay is not None and last.overlay.shape == (*last.frame.pixels.shape[:2], 3)
+    assert last.guidance is not None and last.guidance.units == "mm"
+    assert last.guidance.targets, "the demo's nerve gets perineural targets"
+    assert not last.errors
+    assert set(STAGES) <= set(last.stage_ms)
+    summary = pipeline.timings.summary()
+    assert all(summary[s]["count"] >= 40 for s in STAGES)
+    # The tracker finds the rendered needle's tip within 1 mm on most frames.
+    errors = [
+        math.dist(r.needle.tip_xy, demo.tip_truth(r.frame.index)) * DEMO_SPACING_MM
+        for r in results
+        if r.needle is not None and r.needle.visible
+    ]
+    assert len(errors) >= 30
+    assert float(np.median(errors)) < 1.0
+
+
+def test_a_failing_stage_hides_its_output_and_the_run_goes_on(
+    demo: DemoScan, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline.reset()
+    calls = {"n": 0}
+    real = pipeline.guidance.__class__.__call__
+
+    def flaky(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] % 2:
+            raise RuntimeError("boom")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.guidance.__class__, "__call__", flaky)
+    results = [pipeline.process(f) for f in frames_of(demo, range(60, 66))]
+    failed = [r for r in results if "guidance" in r.errors]
+    assert len(failed) == 3
+    assert all(r.guidance is None and r.overlay is not None for r in failed)
+    assert all("RuntimeError: boom" in r.errors["guidance"] for r in failed)
+    assert all(r.guidance is not None for r in results if "guidance" not in r.errors)
+
+
+def test_playback_log_and_video(tmp_path: Path, demo: DemoScan, pipeline: Pipeline) -> None:
+    pipeline.reset()
+    log, video = tmp_path / "results.jsonl", tmp_path / "overlay.mp4"
+    frames = frames_of(demo, range(90, 110))
+    summary = run_playback(pipeline, frames, [VideoSink(video, fps=20), JsonLinesLog(log)])
+    assert summary.frames_processed == 20 and summary.ended == "end of source"
+    lines = log.read_text().splitlines()
+    assert len(lines) == 20
+    records = [json.loads(line) for line in lines]
+    assert [r["frame"] for r in records] == list(range(90, 110))
+    for key in ("tip", "targets", "distances", "warnings", "stage_ms", "units", "spread"):
+        assert key in records[0]
+    assert records[-1]["tip"]["visible"] is True
+    assert set(STAGES) <= set(records[0]["stage_ms"])
+    capture = cv2.VideoCapture(str(video))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 20
+    ok, picture = capture.read()
+    capture.release()
+    assert ok and picture.shape[:2] == frames[0].pixels.shape[:2]
+    assert not (tmp_path / "overlay.partial.mp4").exists()
+
+
+def test_log_is_valid_json_lines_after_every_frame(tmp_path: Path, pipeline: Pipeline) -> None:
+    """Flushed per frame: reading it mid-run gives whole lines only."""
+    log = JsonLinesLog(tmp_path / "log.jsonl")
+    seen = []
+
+    def check(_: object) -> None:
+        text = (tmp_path / "log.jsonl").read_text()
+        assert text.endswith("\n")
+        seen.append(len([json.loads(line) for line in text.splitlines()]))
+
+    frames = frames_of(DemoScan(), range(3))
+    pipeline.reset()
+    run_playback(pipeline, frames, [log], on_frame=check)
+    assert seen == [1, 2, 3]
+
+
+def _ends_midstream(frames: list[Frame]) -> Iterator[Frame]:
+    yield from frames
+    raise CorruptSourceError("scan.dcm", "frame 3 is truncated")
+
+
+def test_source_ending_mid_stream_ends_cleanly(tmp_path: Path, pipeline: Pipeline) -> None:
+    pipeline.reset()
+    log = tmp_path / "log.jsonl"
+    frames = frames_of(DemoScan(), range(3))
+    summary = run_playback(pipeline, _ends_midstream(frames), [JsonLinesLog(log)])
+    assert summary.frames_processed == 3
+    assert "frame 3 is truncated" in summary.ended
+    assert len(log.read_text().splitlines()) == 3
+
+
+def test_size_changes_and_blank_frames_keep_the_run_going(pipeline: Pipeline) -> None:
+    pipeline.reset()
+    big = DemoScan().read(80)
+    small_pixels = cv2.resize(big.pixels, (320, 256))
+    small = Frame(small_pixels, 81, 4.05, big.spacing_mm, big.region, "test")  # stale region
+    blank = Frame(np.zeros((480, 640), np.uint8), 82, 4.1, None, Region.whole(480, 640), "test")
+    rgb = Frame(np.zeros((480, 640, 3), np.uint8), 83, 4.15, None, Region.whole(480, 640), "t")
+    results = [pipeline.process(f) for f in (big, small, blank, rgb)]
+    assert all(not r.errors for r in results)
+    assert results[1].frame.region.bbox == (0, 0, 319, 255)
+    assert results[1].frame.spacing_mm is None  # the old calibration no longer applies
+    assert results[1].guidance is not None and results[1].guidance.units == "px"
+    for r in results[2:]:
+        assert r.labels is not None and not r.labels.any()
+        assert r.needle is not None and not r.needle.visible
+        assert r.overlay is not None
+
+
+def test_live_mode_takes_the_newest_frame_and_counts_drops(pipeline: Pipeline) -> None:
+    pipeline.reset()
+    frames = frames_of(DemoScan(), range(40))
+    # Delivered every 2 ms: faster than the pipeline, so frames must be dropped.
+    summary = run_live(pipeline, frames, [], pace_s=0.002)
+    assert summary.frames_read == 40
+    assert summary.frames_dropped > 0
+    assert summary.frames_processed + summary.frames_dropped == 40
+    assert summary.timings["latency"]["count"] == summary.frames_processed
+    processed_in_order = []
+    run_live(pipeline, frames[:5], [], pace_s=0.2, on_frame=lambda r: processed_in_order.append(r))
+    assert [r.frame.index for r in processed_in_order] == [0, 1, 2, 3, 4]

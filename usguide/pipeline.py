@@ -1,0 +1,435 @@
+"""The pipeline: source -> preprocess -> segment -> needle -> guidance -> overlay -> sinks.
+
+:class:`Pipeline` holds the stages, each configured once, and runs them on one frame with
+:meth:`Pipeline.process`, timing every stage on every frame (:class:`StageTimings`). Two runners
+feed it:
+
+- :func:`run_playback`: every frame of a recorded scan, in order;
+- :func:`run_live`: capture on its own thread, the newest frame wins, dropped frames are
+  counted and latency is measured from a frame's capture to the end of its sinks.
+
+A stage that raises on a frame does not stop the run: its output is None for that frame (so the
+overlay hides what it would have drawn), the error is kept in ``FrameResult.errors`` and counted,
+and the next frame runs every stage again.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from usguide.errors import UsguideError
+from usguide.frame import Frame, FrameResult, Region
+from usguide.guidance import Guidance, GuidanceConfig, GuidanceResult
+from usguide.needle import NeedleConfig, NeedleStage, NeedleState
+from usguide.sinks import Sink
+
+logger = logging.getLogger("usguide")
+
+STAGES = ("preprocess", "segment", "needle", "guidance", "overlay")
+
+
+class StageTimings:
+    """Latency of each stage (and any other named step), kept for every frame.
+
+    The last ``window`` values of each name are kept for percentiles; counts and totals cover
+    the whole run.
+    """
+
+    def __init__(self, window: int = 10_000) -> None:
+        self.window = window
+        self._values: dict[str, collections.deque[float]] = {}
+        self._count: dict[str, int] = {}
+        self._total: dict[str, float] = {}
+        self.failures: collections.Counter[str] = collections.Counter()
+
+    def add(self, name: str, ms: float) -> None:
+        values = self._values.get(name)
+        if values is None:
+            values = self._values[name] = collections.deque(maxlen=self.window)
+            self._count[name] = 0
+            self._total[name] = 0.0
+        values.append(ms)
+        self._count[name] += 1
+        self._total[name] += ms
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per name: count, mean, median, p95, p99 and max in ms (recent window for the
+        percentiles), and failures."""
+        out = {}
+        for name, values in self._values.items():
+            a = np.fromiter(values, np.float64, len(values))
+            out[name] = {
+                "count": self._count[name],
+                "mean_ms": self._total[name] / max(1, self._count[name]),
+                "median_ms": float(np.median(a)),
+                "p95_ms": float(np.percentile(a, 95)),
+                "p99_ms": float(np.percentile(a, 99)),
+                "max_ms": float(a.max()),
+                "failures": self.failures.get(name, 0),
+            }
+        return out
+
+
+class Pipeline:
+    """The per-frame stages, configured once.
+
+    Parameters
+    ----------
+    model : path, optional
+        Segmentation model (default: the shipped ``usguide-seg``).
+    threads : int
+        onnxruntime threads.
+    smoothing : float
+        Temporal smoothing of the segmentation, 0 to <1 (no added latency).
+    needle : NeedleConfig, optional
+    guidance : GuidanceConfig, optional
+    targets : sequence of (x, y)
+        User targets to start with, frame pixels.
+    overlay : bool
+        Draw the overlay picture (``FrameResult.overlay``).
+
+    Examples
+    --------
+    >>> pipeline = Pipeline()                                 # doctest: +SKIP
+    >>> for frame in open_source("scan.dcm"):                 # doctest: +SKIP
+    ...     result = pipeline.process(frame)
+    ...     print(result.needle.visible, result.guidance.warnings)
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        threads: int = 2,
+        smoothing: float = 0.5,
+        needle: NeedleConfig | None = None,
+        guidance: GuidanceConfig | None = None,
+        targets: Sequence[tuple[float, float]] = (),
+        overlay: bool = True,
+    ) -> None:
+        from usguide.overlay import OverlayRenderer
+        from usguide.segment import Segmenter
+
+        self.segmenter = Segmenter(model, threads=threads, smoothing=smoothing)
+        self.needle = NeedleStage(needle)
+        self.guidance = Guidance(guidance, tuple(targets))
+        self.renderer = OverlayRenderer() if overlay else None
+        self.timings = StageTimings()
+        self._shape: tuple[int, ...] | None = None
+        self._notes: set[str] = set()
+
+    def reset(self) -> None:
+        """Forget the sequence (another source, a seek); user targets stay."""
+        self.segmenter.reset()
+        self.needle.reset()
+        self.guidance.reset()
+        self._shape = None
+
+    def process(self, frame: Frame) -> FrameResult:
+        """Run every stage on one frame. The result's overlay buffer is reused next frame."""
+        result = FrameResult(frame)
+        prepared = self._stage(result, "preprocess", self._preprocess, frame)
+        if prepared is None:
+            return result
+        result.frame = prepared
+        result.labels = self._stage(result, "segment", self.segmenter, prepared)
+        result.needle = self._stage(result, "needle", self.needle, prepared, result.labels)
+        result.guidance = self._stage(
+            result, "guidance", self.guidance, prepared, result.labels, result.needle
+        )
+        if self.renderer is not None:
+            result.overlay = self._stage(result, "overlay", self._draw, result)
+        return result
+
+    def _stage(self, result: FrameResult, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - a failing stage must not stop the display
+            result.errors[name] = f"{type(e).__name__}: {e}"
+            self.timings.failures[name] += 1
+            if self.timings.failures[name] == 1:
+                logger.warning("stage %s failed on frame %d: %s", name, result.frame.index, e)
+            return None
+        finally:
+            ms = (time.perf_counter() - start) * 1e3
+            result.stage_ms[name] = ms
+            self.timings.add(name, ms)
+
+    def _preprocess(self, frame: Frame) -> Frame:
+        """Check the frame against the sequence: a new size resets the trackers, and a region
+        that no longer fits becomes the whole frame, uncalibrated (its spacing was for the
+        old layout)."""
+        shape = frame.pixels.shape
+        if self._shape is not None and shape != self._shape:
+            self.segmenter.reset()
+            self.needle.reset()
+            self.guidance.reset()
+            self._note(f"frame size changed to {shape[1]} x {shape[0]}: tracking restarted")
+        self._shape = shape
+        if not frame.region.inside(frame.rows, frame.columns):
+            self._note(
+                f"imaging region {list(frame.region.bbox)} lies outside a "
+                f"{frame.columns} x {frame.rows} frame: using the whole frame, uncalibrated"
+            )
+            whole = Region.whole(frame.rows, frame.columns)
+            frame = replace(frame, region=whole, spacing_mm=None, regions=(whole,))
+        return frame
+
+    def _note(self, text: str) -> None:
+        if text not in self._notes:
+            self._notes.add(text)
+            logger.warning(text)
+
+    def _draw(self, result: FrameResult) -> np.ndarray:
+        assert self.renderer is not None
+        needle, guidance = result.needle, result.guidance
+        shaft = tip = None
+        confident = False
+        if needle is not None and needle.visible and needle.tip_xy is not None:
+            tip = needle.tip_xy
+            confident = needle.status == "tracking"
+            if needle.entry_xy is not None:
+                shaft = (needle.entry_xy, tip)
+        targets: list[tuple[float, float]] = []
+        active = None
+        path = injectate = None
+        text: list[str] = []
+        warnings: list[str] = []
+        if guidance is not None:
+            targets = [t.xy for t in guidance.targets]
+            ids = [t.id for t in guidance.targets]
+            active = ids.index(guidance.active_target) if guidance.active_target in ids else None
+            path = guidance.path
+            text = describe(guidance, needle)
+            warnings = [w.message for w in guidance.warnings]
+            if guidance.spread is not None and guidance.spread.detected:
+                injectate = self.guidance.spread.mask
+        elif needle is not None and not needle.visible:
+            text = ["needle: tip not visible"]
+        return self.renderer.render(
+            result.frame.pixels,
+            result.labels,
+            shaft=shaft,
+            tip_xy=tip,
+            tip_confident=confident,
+            path=path,
+            targets=targets,
+            active_target=active,
+            text=text,
+            warnings=warnings,
+            injectate=injectate,
+        )
+
+
+def describe(guidance: GuidanceResult, needle: NeedleState | None) -> list[str]:
+    """The overlay's text lines: distances in the result's units, time on target, spread."""
+    u = guidance.units
+    lines = []
+    if needle is None or not needle.visible:
+        lines.append("needle: tip not visible")
+    if guidance.tip_to_target is not None:
+        lines.append(f"tip to target {guidance.tip_to_target:.1f} {u}")
+    if guidance.tip_to_nerve is not None:
+        lines.append(f"tip to nerve {max(0.0, guidance.tip_to_nerve):.1f} {u}")
+    if guidance.time_on_target_s > 0:
+        lines.append(f"on target {guidance.time_on_target_s:.1f} s")
+    s = guidance.spread
+    if s is not None and s.detected:
+        area = f"{s.area_mm2:.1f} mm2" if s.area_mm2 is not None else f"{s.area_px} px2"
+        around = " around the nerve" if s.surrounds_nerve else ""
+        lines.append(f"injectate {area}{around}")
+    return lines
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """How a run went: frames, drops, errors, timings and why it ended."""
+
+    frames_read: int = 0
+    frames_processed: int = 0
+    frames_dropped: int = 0
+    wall_s: float = 0.0
+    ended: str = "end of source"
+    stage_failures: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def fps(self) -> float:
+        return self.frames_processed / self.wall_s if self.wall_s > 0 else math.nan
+
+
+def _frames(source: Iterable[Frame], summary: RunSummary) -> Iterator[Frame]:
+    """The source's frames; a source that fails mid-stream ends the run with its message."""
+    iterator = iter(source)
+    while True:
+        try:
+            frame = next(iterator)
+        except StopIteration:
+            return
+        except UsguideError as e:
+            summary.ended = f"source stopped: {e}"
+            return
+        summary.frames_read += 1
+        yield frame
+
+
+def run_playback(
+    pipeline: Pipeline,
+    source: Iterable[Frame],
+    sinks: Sequence[Sink] = (),
+    *,
+    max_frames: int | None = None,
+    on_frame: Callable[[FrameResult], None] | None = None,
+) -> RunSummary:
+    """Process every frame of ``source`` in order and hand each result to every sink.
+
+    Sinks are closed at the end, also when the run stops on an error.
+    """
+    summary = RunSummary()
+    start = time.perf_counter()
+    try:
+        for frame in _frames(source, summary):
+            _process_and_sink(pipeline, frame, sinks, summary, on_frame)
+            if max_frames is not None and summary.frames_processed >= max_frames:
+                summary.ended = f"stopped after {max_frames} frames"
+                break
+            if any(getattr(s, "stopped", False) for s in sinks):
+                summary.ended = "window closed"
+                break
+    finally:
+        summary.wall_s = time.perf_counter() - start
+        _finish(pipeline, sinks, summary)
+    return summary
+
+
+def _process_and_sink(
+    pipeline: Pipeline,
+    frame: Frame,
+    sinks: Sequence[Sink],
+    summary: RunSummary,
+    on_frame: Callable[[FrameResult], None] | None,
+) -> FrameResult:
+    result = pipeline.process(frame)
+    start = time.perf_counter()
+    for sink in sinks:
+        sink.write(result)
+    ms = (time.perf_counter() - start) * 1e3
+    result.stage_ms["sinks"] = ms
+    pipeline.timings.add("sinks", ms)
+    summary.frames_processed += 1
+    if on_frame is not None:
+        on_frame(result)
+    return result
+
+
+def _finish(pipeline: Pipeline, sinks: Sequence[Sink], summary: RunSummary) -> None:
+    errors = []
+    for sink in sinks:
+        try:
+            sink.close()
+        except Exception as e:  # noqa: BLE001 - close every sink, then report
+            errors.append(e)
+    summary.stage_failures = dict(pipeline.timings.failures)
+    summary.timings = pipeline.timings.summary()
+    if errors:
+        raise errors[0]
+
+
+_END = object()
+
+
+def run_live(
+    pipeline: Pipeline,
+    source: Iterable[Frame],
+    sinks: Sequence[Sink] = (),
+    *,
+    pace_s: float | None = None,
+    max_frames: int | None = None,
+    on_frame: Callable[[FrameResult], None] | None = None,
+) -> RunSummary:
+    """Live mode: a capture thread reads ``source``; the processing loop always takes the
+    newest frame, and frames it never got to are counted as dropped.
+
+    Parameters
+    ----------
+    pace_s : float, optional
+        Deliver a recorded source in real time, one frame per ``pace_s`` seconds (its frame
+        time), as a scanner would; None reads as fast as the source gives (a live device).
+
+    The ``latency`` timing is from a frame's capture to the end of its sinks.
+    """
+    summary = RunSummary()
+    mailbox: queue.Queue[Any] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    lock = threading.Lock()
+    dropped = 0
+
+    def capture() -> None:
+        nonlocal dropped
+        next_at = time.perf_counter()
+        try:
+            for frame in _frames(source, summary):
+                if stop.is_set():
+                    return
+                if pace_s is not None:
+                    next_at += pace_s
+                    delay = next_at - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                item = (frame, time.perf_counter())
+                with lock:  # newest wins: replace what the processing loop has not taken
+                    try:
+                        mailbox.get_nowait()
+                        dropped += 1
+                    except queue.Empty:
+                        pass
+                    mailbox.put_nowait(item)
+        except Exception as e:  # noqa: BLE001 - report it and end the run cleanly
+            summary.ended = f"source stopped: {type(e).__name__}: {e}"
+        finally:
+            with lock:
+                try:
+                    mailbox.put_nowait(_END)
+                except queue.Full:
+                    # Deliver the last frame first; the loop sees the end after it.
+                    last = mailbox.get_nowait()
+                    mailbox.put_nowait((*last, _END) if last is not _END else _END)
+
+    thread = threading.Thread(target=capture, name="usguide-capture", daemon=True)
+    start = time.perf_counter()
+    thread.start()
+    try:
+        while True:
+            item = mailbox.get()
+            if item is _END:
+                break
+            frame, captured_at = item[0], item[1]
+            _process_and_sink(pipeline, frame, sinks, summary, on_frame)
+            pipeline.timings.add("latency", (time.perf_counter() - captured_at) * 1e3)
+            if len(item) == 3:  # the last frame carried the end
+                break
+            if max_frames is not None and summary.frames_processed >= max_frames:
+                summary.ended = f"stopped after {max_frames} frames"
+                break
+            if any(getattr(s, "stopped", False) for s in sinks):
+                summary.ended = "window closed"
+                break
+    finally:
+        stop.set()
+        thread.join(timeout=5.0)
+        summary.wall_s = time.perf_counter() - start
+        summary.frames_dropped = dropped
+        _finish(pipeline, sinks, summary)
+    return summary
