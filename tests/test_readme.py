@@ -20,10 +20,13 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert test_command in ci.splitlines()
 
 
-def test_readme_main_command_uses_a_bundled_sample() -> None:
+def test_readme_main_command_is_the_demo_on_its_bundled_sample() -> None:
     main = next(b.strip() for b in _bash_blocks() if "usguide " in b and "pytest" not in b)
-    sample = re.search(r"(tests/data/\S+|usguide/\S+)", main)
-    assert sample is not None and (REPO_ROOT / sample.group(1)).exists()
+    assert main.endswith("usguide demo")
+    from usguide.demo import DEMO_IMAGE, DEMO_MASK
+
+    assert DEMO_IMAGE.exists() and DEMO_MASK.exists()
+    assert (DEMO_IMAGE.parent / "LICENSE").exists()
 
 
 def test_import_is_cheap_and_free_of_gui_and_torch() -> None:

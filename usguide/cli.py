@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from usguide._version import __version__
@@ -59,10 +60,10 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except UsguideError as e:
-        err.print(f"[red]error:[/] {e}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2) from None
     except ValueError as e:  # option values the sources reject (spacing, region)
-        err.print(f"[red]error:[/] {e}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2) from None
     finally:
         warnings.showwarning = previous
@@ -456,6 +457,233 @@ def track(
         os.replace(partial, target)
     calibrated = "" if source.spacing_mm else " (uncalibrated: mm columns empty)"
     err.print(f"tip visible in {visible} of {rows} frames; wrote {target}{calibrated}")
+
+
+def load_guidance_config(
+    path: str | None, mode: str | None
+) -> tuple[Any, list[tuple[float, float]]]:
+    """GuidanceConfig and user targets from a TOML file (``[guidance]`` settings and
+    ``[[targets]]`` with ``x``, ``y`` in frame pixels) and the --mode option."""
+    import dataclasses
+    import tomllib
+
+    from usguide.guidance import GuidanceConfig
+
+    settings: dict[str, Any] = {}
+    targets: list[tuple[float, float]] = []
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                document = tomllib.load(f)
+        except FileNotFoundError:
+            raise UsguideError(path, "no such file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UsguideError(path, f"not valid TOML: {e}") from None
+        unknown_sections = set(document) - {"guidance", "targets"}
+        if unknown_sections:
+            raise UsguideError(path, f"unknown sections {sorted(unknown_sections)}")
+        settings = dict(document.get("guidance", {}))
+        known = {f.name for f in dataclasses.fields(GuidanceConfig)} - {"spread"}
+        unknown = set(settings) - known
+        if unknown:
+            raise UsguideError(path, f"unknown [guidance] keys {sorted(unknown)}")
+        for i, t in enumerate(document.get("targets", [])):
+            try:
+                targets.append((float(t["x"]), float(t["y"])))
+            except (KeyError, TypeError, ValueError):
+                raise UsguideError(path, f"target {i + 1} needs numbers x and y") from None
+    if mode is not None:
+        settings["mode"] = mode
+    try:
+        return GuidanceConfig(**settings), targets
+    except (TypeError, ValueError) as e:
+        raise UsguideError(path or "--mode", str(e)) from None
+
+
+def run_pipeline(
+    source: Any,
+    pipeline: Any,
+    *,
+    video: str | None,
+    log: str | None,
+    window: bool | None,
+    live: bool,
+    max_frames: int | None,
+) -> Any:
+    """Run ``pipeline`` on ``source`` with the chosen sinks; print a summary; return it."""
+    from usguide.pipeline import run_live, run_playback
+    from usguide.sinks import JsonLinesLog, VideoSink, WindowSink
+    from usguide.sinks.window import display_available
+
+    sinks: list[Any] = []
+    try:
+        if video is not None:
+            sinks.append(VideoSink(video, fps=source.frame_rate_hz or 20.0))
+        if log is not None:
+            sinks.append(JsonLinesLog(log))
+        if window or (window is None and display_available()):
+            sinks.append(WindowSink())
+    except BaseException:
+        for sink in sinks:
+            sink.close()
+        raise
+    with make_progress() as bar, source:
+        task = bar.add_task("live" if live else "playback", total=source.frame_count)
+
+        def advance(_: Any) -> None:
+            bar.advance(task)
+
+        if live:
+            summary = run_live(
+                pipeline,
+                source,
+                sinks,
+                pace_s=source.frame_time_s if source.frame_count is not None else None,
+                max_frames=max_frames,
+                on_frame=advance,
+            )
+        else:
+            summary = run_playback(pipeline, source, sinks, max_frames=max_frames, on_frame=advance)
+    print_summary(summary, live=live)
+    return summary
+
+
+def print_summary(summary: Any, *, live: bool) -> None:
+    table = Table(title="per-stage latency (ms)", title_justify="left")
+    for column in ("stage", "median", "p95", "p99", "max", "failures"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for name, t in summary.timings.items():
+        table.add_row(
+            name,
+            f"{t['median_ms']:.2f}",
+            f"{t['p95_ms']:.2f}",
+            f"{t['p99_ms']:.2f}",
+            f"{t['max_ms']:.2f}",
+            str(t["failures"]),
+        )
+    err.print(table)
+    dropped = f", {summary.frames_dropped} dropped" if live else ""
+    err.print(
+        f"{summary.frames_processed} frames in {summary.wall_s:.1f} s "
+        f"({summary.fps:.1f} fps){dropped}; {summary.ended}"
+    )
+    for stage, n in summary.stage_failures.items():
+        err.print(f"[yellow]warning:[/] stage {stage} failed on {n} frames (see the log's errors)")
+
+
+WindowFlag = Annotated[
+    bool | None,
+    typer.Option(
+        "--window/--no-window", help="Show an OpenCV window (default: when a display exists)."
+    ),
+]
+
+
+@app.command()
+def run(
+    input_path: Annotated[
+        str,
+        typer.Argument(
+            metavar="INPUT",
+            help="A DICOM cine, a video, an image folder, or a capture device number.",
+        ),
+    ],
+    model: ModelOption = None,
+    video: Annotated[
+        str | None, typer.Option("--out", help="Overlay video to write (.mp4).")
+    ] = None,
+    log: Annotated[
+        str | None, typer.Option("--log", help="JSON-lines results log, one object per frame.")
+    ] = None,
+    live: Annotated[
+        bool,
+        typer.Option(
+            "--live", help="Newest frame wins (a recorded file plays in real time); drops counted."
+        ),
+    ] = False,
+    window: WindowFlag = None,
+    config: Annotated[
+        str | None,
+        typer.Option("--config", help="TOML: [guidance] settings and [[targets]] x, y."),
+    ] = None,
+    target: Annotated[
+        list[str] | None,
+        typer.Option("--target", help="A user target X,Y in frame pixels (repeatable)."),
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(help="Automatic targets: perineural, mesotherapy or manual (none)."),
+    ] = None,
+    max_frames: Annotated[
+        int | None, typer.Option("--max-frames", help="Stop after this many frames.")
+    ] = None,
+    spacing: SpacingOption = None,
+    region: RegionOption = None,
+    detect: DetectOption = True,
+) -> None:
+    """Run the whole pipeline (segment, needle, guidance, overlay) on a scan or a device.
+
+    Playback processes every frame; --live always takes the newest frame and counts the ones it
+    skipped. Distances are in mm when the source is calibrated, else in px (and the overlay and
+    the log say so). Not a medical device."""
+    from usguide.pipeline import Pipeline
+    from usguide.sources import open_source
+
+    with user_errors():
+        settings, targets = load_guidance_config(config, mode)
+        for t in target or []:
+            xy = parse_numbers(t, (2,), "--target")
+            assert xy is not None
+            targets.append((xy[0], xy[1]))
+        spec: Any = int(input_path) if input_path.isdigit() else input_path
+        source = open_source(spec, **source_options(spacing, region, detect))
+        pipeline = Pipeline(model, guidance=settings, targets=targets)
+        if not source.spacing_mm:
+            err.print("[yellow]calibration unknown:[/] distances are in px")
+        run_pipeline(
+            source, pipeline, video=video, log=log, window=window, live=live, max_frames=max_frames
+        )
+    for path in (video, log):
+        if path is not None:
+            err.print(f"wrote {path}")
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[
+        str, typer.Option("--out", help="Folder for the overlay video and the results log.")
+    ] = "usguide-demo",
+    model: ModelOption = None,
+    window: WindowFlag = False,
+) -> None:
+    """Run the whole pipeline on the bundled demo scan: a nerve-block cine built from one real
+    frame (USGRA-Seg, CC BY 4.0) with simulated probe motion, a needle advancing to the nerve
+    and an injection. Writes overlay.mp4 and results.jsonl into the --out folder."""
+    from pathlib import Path
+
+    from usguide.demo import DEMO_SPACING_MM, DemoScan
+    from usguide.pipeline import Pipeline
+
+    folder = Path(out_dir)
+    with user_errors():
+        folder.mkdir(parents=True, exist_ok=True)
+        source = DemoScan()
+        err.print(
+            f"demo scan: {source.frame_count} frames at {source.frame_rate_hz:g} fps, "
+            f"{DEMO_SPACING_MM} mm/px assumed (the source image carries no calibration)"
+        )
+        summary = run_pipeline(
+            source,
+            Pipeline(model),
+            video=str(folder / "overlay.mp4"),
+            log=str(folder / "results.jsonl"),
+            window=window,
+            live=False,
+            max_frames=None,
+        )
+    out.print(f"demo written to {folder.resolve()}: overlay.mp4, results.jsonl")
+    if summary.frames_processed != source.frame_count:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -1,0 +1,178 @@
+"""The demo scan: a short nerve-block cine built from one real frame shipped with usguide.
+
+The frame (USGRA-Seg image 0212, CC BY 4.0, see ``usguide/demo_data/README.md``) is moved as a
+hand-held probe moves; a needle is rendered entering from the right, advancing to a point
+1.5 mm beside the nerve (planned from the expert nerve and vessel mask so the path keeps clear of
+the vessel), pausing, and then an anechoic pocket of injectate grows around its tip.
+
+The source image carries no calibration: the demo assumes :data:`DEMO_SPACING_MM` and every
+output says so. Frames are made on demand and depend only on their index and the seed, so the
+demo reads like any recorded source (random access included).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from usguide.data.injectate_render import render_injectate
+from usguide.data.needle_render import NeedlePose, render_needle
+from usguide.frame import Region
+from usguide.labels import NERVE
+from usguide.sources.base import SeekableSource
+
+DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
+DEMO_IMAGE = DEMO_DATA / "usgra-seg-0212.png"
+DEMO_MASK = DEMO_DATA / "usgra-seg-0212-mask.png"
+DEMO_SPACING_MM = 0.08  # assumed: the source image carries no calibration
+DEMO_FPS = 20.0
+DEMO_SIZE = (512, 640)  # rows, columns: the imaging area sits in a scanner-like frame
+
+
+@dataclass(frozen=True, slots=True)
+class DemoScript:
+    """Frame numbers of the demo's phases (at :data:`DEMO_FPS`)."""
+
+    needle_from: int = 30
+    arrive: int = 100
+    inject_from: int = 110
+    frames: int = 170
+    pocket_radius_mm: float = 3.5
+
+
+def _load_demo() -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image  # palette PNG: the class index is the palette index
+
+    image = cv2.imread(str(DEMO_IMAGE), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise FileNotFoundError(f"{DEMO_IMAGE}: the demo image is missing from the install")
+    mask = np.array(Image.open(DEMO_MASK))
+    return image, mask
+
+
+class DemoScan(SeekableSource):
+    """The demo cine as a source of :class:`~usguide.frame.Frame`.
+
+    Parameters
+    ----------
+    seed : int
+        Noise of the renders; the same seed gives the same cine.
+    script : DemoScript, optional
+    """
+
+    kind = "demo"
+
+    def __init__(self, seed: int = 0, script: DemoScript | None = None) -> None:
+        super().__init__("usguide-demo", detect_region=False)
+        self.script = script or DemoScript()
+        self.seed = seed
+        image, mask = _load_demo()
+        cols = DEMO_SIZE[1]
+        h, w = image.shape
+        self._x0, self._y0 = (cols - w) // 2, 0
+        self._image, self._mask = image, mask
+        self._bbox = (self._x0, self._y0, self._x0 + w - 1, self._y0 + h - 1)
+        self.target_xy, self.entry_xy = self._plan()
+        self.encoding = "rendered"
+        self.colour = "grey"
+
+    # -- the plan: where the needle goes -------------------------------------------------------
+    def _plan(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """Target 1.5 mm outside the nerve on its upper right; entry at the right edge."""
+        nerve = (self._mask == NERVE).astype(np.uint8)
+        ys, xs = np.nonzero(nerve)
+        cx, cy = xs.mean(), ys.mean()
+        # The nerve's outline point towards the upper right, then 1.5 mm further out.
+        direction = np.array([1.0, -0.45]) / math.hypot(1.0, -0.45)
+        t = 0.0
+        while nerve[round(cy + direction[1] * t), round(cx + direction[0] * t)]:
+            t += 1.0
+        t += 1.5 / DEMO_SPACING_MM
+        target = (self._x0 + cx + direction[0] * t, self._y0 + cy + direction[1] * t)
+        x1 = self._bbox[2]
+        entry = (x1 + 0.5, target[1] - (x1 - target[0]) * math.tan(math.radians(35.0)))
+        return (float(target[0]), float(target[1])), (float(entry[0]), float(entry[1]))
+
+    # -- source interface ----------------------------------------------------------------------
+    @property
+    def frame_count(self) -> int:
+        return self.script.frames
+
+    @property
+    def frame_time_s(self) -> float:
+        return 1.0 / DEMO_FPS
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return DEMO_SIZE
+
+    def _native_regions(self) -> tuple[Region, ...]:
+        note = f"demo: {DEMO_SPACING_MM} mm/px assumed (the source image carries no calibration)"
+        return (Region(self._bbox, (DEMO_SPACING_MM, DEMO_SPACING_MM), True, "user", note),)
+
+    def _info_details(self) -> dict[str, object]:
+        return {"encoding": self.encoding, "colour": self.colour}
+
+    def tip_truth(self, index: int) -> tuple[float, float] | None:
+        """Exact needle tip of frame ``index`` in frame pixels; None before insertion."""
+        s = self.script
+        if index < s.needle_from:
+            return None
+        progress = min(1.0, (index - s.needle_from) / max(1, s.arrive - s.needle_from))
+        ex, ey = self.entry_xy
+        tx, ty = self.target_xy
+        # Start with 3 mm already in, so the needle is seen from its first frame.
+        start = 3.0 / DEMO_SPACING_MM / math.hypot(tx - ex, ty - ey)
+        f = start + (1.0 - start) * progress
+        mx, my = self._motion(index)[:2]
+        return (ex + (tx - ex) * f + mx, ey + (ty - ey) * f + my)
+
+    def _motion(self, index: int) -> tuple[float, float, float]:
+        """Probe drift: a smooth translation (px) and rotation (degrees)."""
+        t = index / DEMO_FPS
+        return (
+            2.5 * math.sin(2 * math.pi * t / 5.0),
+            1.5 * math.sin(2 * math.pi * t / 3.7 + 1.0),
+            0.6 * math.sin(2 * math.pi * t / 6.1),
+        )
+
+    def _read_pixels(self, index: int) -> tuple[np.ndarray, float | None]:
+        s = self.script
+        rng = np.random.default_rng((self.seed, index))
+        rows, cols = DEMO_SIZE
+        frame = np.zeros((rows, cols), np.uint8)
+        h, w = self._image.shape
+        dx, dy, angle = self._motion(index)
+        m = cv2.getRotationMatrix2D((w / 2, 0.0), angle, 1.0)
+        m[:, 2] += (dx, dy)
+        moved = cv2.warpAffine(self._image, m, (w, h), borderMode=cv2.BORDER_REFLECT)
+        # Speckle changes a little from frame to frame on a real scanner.
+        noise = rng.normal(0.0, 3.0, moved.shape)
+        moved = np.clip(moved + noise, 0, 255).astype(np.uint8)
+        tip = self.tip_truth(index)
+        if tip is not None:
+            local_tip = (tip[0] - self._x0, tip[1] - self._y0)
+            if index >= s.inject_from:
+                grow = min(1.0, (index - s.inject_from + 1) / (s.frames - s.inject_from) * 1.4)
+                r = max(1.0, grow * s.pocket_radius_mm / DEMO_SPACING_MM)
+                pocket = render_injectate(
+                    moved,
+                    local_tip,
+                    (r * 1.3, r),
+                    rng=np.random.default_rng(self.seed + 7),  # one pocket shape, growing
+                )
+                moved = pocket.image
+            ex, ey = self.entry_xy
+            mx, my = dx, dy
+            pose = NeedlePose(
+                entry_xy=(ex - self._x0 + mx, ey - self._y0 + my),
+                tip_xy=local_tip,
+                width_px=0.8 / DEMO_SPACING_MM,
+            )
+            moved = render_needle(moved, pose, rng=rng, spacing_mm=DEMO_SPACING_MM).image
+        frame[self._y0 : self._y0 + h, self._x0 : self._x0 + w] = moved
+        return frame, index / DEMO_FPS
