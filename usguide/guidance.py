@@ -87,7 +87,7 @@ class GuidanceConfig:
     vessel_margin_mm: float = 2.0
     nerve_margin_mm: float = 0.5
     on_target_mm: float = 1.0
-    path_beyond_target_mm: float = 5.0
+    path_beyond_target_mm: float = 1.0
     max_target_step_mm: float = 0.5
     target_follow: float = 0.25
     target_hold_s: float = 1.0
@@ -299,14 +299,27 @@ class Guidance:
         grey = _grey(frame.pixels[crop])
         region_labels = labels[crop] if labels is not None else None
 
+        tip = needle.tip_xy if needle is not None and needle.visible else None
+        spread = None
+        if self.spread.armed:
+            spread_tip = tip if tip is not None else self.spread.anchor_xy
+            spread = self.spread(frame, labels, spread_tip)
+            if spread.detected and region_labels is not None:
+                # The pocket that grew around the tip after it reached the target is injectate,
+                # however vessel-like (anechoic) the model finds it.
+                pocket = self.spread.mask[crop]
+                if pocket.shape == region_labels.shape:
+                    region_labels = _without_injectate_vessels(region_labels, pocket, plan_spacing)
+
         self._follow_tissue(grey, (x0, y0), region_labels, plan_spacing)
         skin_line = None
-        if region_labels is not None and cfg.mode == "perineural":
+        # Automatic targets are re-planned until an injection starts; then they only follow
+        # the tissue, so the target does not wander while the injectate reshapes the labels.
+        if region_labels is not None and cfg.mode == "perineural" and not self.spread.armed:
             self._plan_perineural(region_labels, (x0, y0), plan_spacing, needle, t)
         elif cfg.mode == "mesotherapy":
             skin_line = self._plan_mesotherapy(grey, (x0, y0), plan_spacing)
 
-        tip = needle.tip_xy if needle is not None and needle.visible else None
         warnings: list[GuidanceWarning] = []
         if spacing is None:
             warnings.append(
@@ -376,10 +389,8 @@ class Guidance:
                 GuidanceWarning("tip_lost_advancing", "tip lost while the needle was advancing")
             )
 
-        spread = None
-        if self.spread.armed:
-            spread_tip = tip if tip is not None else self.spread.anchor_xy
-            spread = self.spread(frame, labels, spread_tip)
+        if spread is None and self.spread.armed:  # armed on this frame
+            spread = self.spread(frame, labels, tip)
 
         return GuidanceResult(
             frame_index=frame.index,
@@ -645,6 +656,30 @@ def _signed_edge_distance(
     c, r = round(xy[0]), round(xy[1])
     inside = 0 <= r < h and 0 <= c < w and labels[r, c] == cls
     return -float(d) if inside else float(d)
+
+
+def _without_injectate_vessels(
+    labels: np.ndarray, pocket: np.ndarray, spacing: tuple[float, float]
+) -> np.ndarray:
+    """A copy of ``labels`` where vessel regions lying mostly (>= half) within 1 mm of the
+    injectate pocket are background."""
+    vessel = (labels == VESSEL).view(np.uint8)
+    n, components = cv2.connectedComponents(vessel, connectivity=8)
+    if n <= 1:
+        return labels
+    r = max(1, round(1.0 / math.sqrt(spacing[0] * spacing[1])))
+    near = cv2.dilate(
+        pocket.view(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)
+    )
+    total = np.bincount(components.ravel(), minlength=n)
+    inside = np.bincount(components[near > 0], minlength=n)
+    injectate = np.flatnonzero(inside >= 0.5 * np.maximum(total, 1))
+    injectate = injectate[injectate > 0]
+    if not len(injectate):
+        return labels
+    out = labels.copy()
+    out[np.isin(components, injectate)] = 0
+    return out
 
 
 def _labels_on_segment(labels: np.ndarray, segment: tuple[Point, Point], origin: Point) -> set[int]:
