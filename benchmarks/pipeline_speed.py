@@ -1,0 +1,154 @@
+"""Whole-pipeline speed: playback throughput, live latency and memory over a long run.
+
+Usage::
+
+    python benchmarks/pipeline_speed.py [--cine PATH] [--frames 1200] [--live-frames 600]
+                                        [--memory-frames 100000] [--threads 2]
+
+On a 640 x 480 cine (default: the bundled SonoSite cine, repeated) it measures, in one run:
+
+1. **playback**: every frame through source decode -> preprocess -> segment -> needle ->
+   guidance -> overlay, frames per second, with no sink, and with the JSON-lines log and the mp4
+   overlay video (the sinks a recorded review writes);
+2. **live**: the cine delivered in real time at 30 fps on a capture thread, newest frame wins;
+   latency from a frame's capture to the end of its sinks (median, p95, p99) and drops;
+3. **memory**: resident set size before and after ``--memory-frames`` frames through the
+   pipeline (decoded frames cycled from memory, so decode is not what is measured).
+
+Per-stage medians and p99 are printed for the playback run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from usguide.frame import Frame
+from usguide.pipeline import STAGES, Pipeline, run_live, run_playback
+from usguide.sinks import JsonLinesLog, VideoSink
+from usguide.sources import open_source
+
+REPO = Path(__file__).resolve().parents[1]
+CINE = REPO / "tests" / "data" / "dicom" / "color3d_jpeg_baseline.dcm"
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def repeated(cine: Path, frames: int) -> Iterator[Frame]:
+    """The cine decoded again and again until ``frames`` frames (decode cost included)."""
+    n = 0
+    while n < frames:
+        with open_source(cine) as source:
+            for frame in source:
+                yield frame
+                n += 1
+                if n == frames:
+                    return
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cine", type=Path, default=CINE)
+    parser.add_argument("--frames", type=int, default=1200)
+    parser.add_argument("--live-frames", type=int, default=600)
+    parser.add_argument("--live-fps", type=float, default=30.0)
+    parser.add_argument("--memory-frames", type=int, default=20_000)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    with open_source(args.cine) as source:
+        rows, cols = source.shape
+        cached = list(source)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
+        f"cine {args.cine.name}: {len(cached)} frames of {cols} x {rows}, repeated\n"
+    )
+
+    pipeline = Pipeline(threads=args.threads)
+    for frame in cached[:10]:  # warm-up: sessions, buffers
+        pipeline.process(frame)
+
+    table = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, make_sinks in (
+            ("playback, no sink", list),
+            ("playback + log", lambda: [JsonLinesLog(Path(tmp) / "log.jsonl")]),
+            (
+                "playback + log + mp4",
+                lambda: [JsonLinesLog(Path(tmp) / "log.jsonl"), VideoSink(Path(tmp) / "o.mp4")],
+            ),
+        ):
+            pipeline.reset()
+            pipeline.timings = type(pipeline.timings)()
+            summary = run_playback(pipeline, repeated(args.cine, args.frames), make_sinks())
+            table.append((name, summary))
+
+    print("| run | frames | fps | per frame ms | x target (60 fps) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, s in table:
+        print(
+            f"| {name} | {s.frames_processed} | {s.fps:.1f} | {1e3 / s.fps:.2f} | "
+            f"{s.fps / 60.0:.2f} |"
+        )
+    stages = table[0][1].timings
+    print("\nper stage, playback with no sink (ms):\n")
+    print("| stage | median | p95 | p99 |")
+    print("|---|---:|---:|---:|")
+    for stage in STAGES:
+        t = stages[stage]
+        print(f"| {stage} | {t['median_ms']:.2f} | {t['p95_ms']:.2f} | {t['p99_ms']:.2f} |")
+
+    # Live: real-time delivery, newest frame wins.
+    pipeline.reset()
+    pipeline.timings = type(pipeline.timings)()
+    live = run_live(
+        pipeline,
+        itertools.islice(itertools.cycle(cached), args.live_frames),
+        [JsonLinesLog(os.devnull)],
+        pace_s=1.0 / args.live_fps,
+    )
+    lat = live.timings["latency"]
+    print(f"\nlive at {args.live_fps:g} fps, capture to end of sinks (ms):\n")
+    print("| frames delivered | processed | dropped | median | p95 | p99 | max | target p99 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| {live.frames_read} | {live.frames_processed} | {live.frames_dropped} | "
+        f"{lat['median_ms']:.2f} | {lat['p95_ms']:.2f} | {lat['p99_ms']:.2f} | "
+        f"{lat['max_ms']:.2f} | 25 |"
+    )
+
+    # Memory over a long run.
+    pipeline.reset()
+    start_rss = rss_mib()
+    marks = []
+    t0 = time.perf_counter()
+    step = max(1, args.memory_frames // 5)
+    for i, frame in enumerate(itertools.islice(itertools.cycle(cached), args.memory_frames)):
+        pipeline.process(frame)
+        if (i + 1) % step == 0:
+            marks.append((i + 1, rss_mib()))
+    wall = time.perf_counter() - t0
+    print(f"\nmemory over {args.memory_frames} frames ({wall:.0f} s):\n")
+    print("| frames | RSS MiB |")
+    print("|---:|---:|")
+    print(f"| 0 | {start_rss:.1f} |")
+    for n, mib in marks:
+        print(f"| {n} | {mib:.1f} |")
+    growth = marks[-1][1] - marks[0][1] if marks else float("nan")
+    print(f"\ngrowth after the first {step} frames: {growth:+.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
