@@ -22,14 +22,21 @@ become much darker than the baseline, connected to the tip:
    left by motion at the edges of dark structures.
 4. **Pocket**: the connected regions of spread pixels holding a core pixel within
    ``seed_radius_mm`` of the tip: a pocket starts clearly at the tip and may then run on over
-   darker tissue, where fluid contrasts less.
-   The min-filter puts the pocket's edge inside the real one, so the edge is then placed where the
-   grey level is ``edge_level`` of the way from the baseline down to the fluid's own level
-   (the middle of the edge's ramp for 0.5), at most ``edge_mm`` outside the core.
-5. **Confirmation and growth**: a pocket is reported once it is at least ``min_area_mm2`` on
+   darker tissue, where fluid contrasts less. Other such regions along the outline ring of a
+   nerve the pocket touches join it (fluid tracking around a nerve shows as separate crescents
+   where it leaves the imaging plane). The min-filter puts the pocket's edge inside the real
+   one, so the edge is then placed where the grey level is ``edge_level`` of the way from the
+   baseline down to the fluid's own level (the middle of the edge's ramp for 0.5), at most
+   ``edge_mm`` outside the core.
+5. **Needle** (class 4 in the labels): its shaft and the reverberations below it cross the
+   fluid as bright lines. Gaps up to ``needle_gap_mm`` over them are bridged, and counted as
+   fluid; where the needle has been since arming, the baseline is compared with a wider
+   tolerance (``needle_tolerance_mm``), as the needle moves with the hand and a withdrawn tip
+   uncovers tissue that was behind it.
+6. **Confirmation and growth**: a pocket is reported once it is at least ``min_area_mm2`` on
    ``confirm_frames`` consecutive frames. It is growing when its area rose by ``min_growth``
    (and ``min_growth_mm2``) over the last ``growth_window_s``.
-6. **Around the nerve**: the outline ring of the nerve (class 1), a band ``ring_mm`` wide just
+7. **Around the nerve**: the outline ring of the nerve (class 1), a band ``ring_mm`` wide just
    outside it, for the nerve(s) the pocket touches (parts closer than two ring widths count as
    one nerve: the fascicles of a plexus). The share of the ring the pocket covers is
    :attr:`SpreadState.nerve_coverage`; ``surround_fraction`` or more is circumferential spread
@@ -41,8 +48,10 @@ frame's spacing, or ``nominal_spacing_mm`` when it is unknown; that guess never 
 reported number.
 
 Limits: fluid over tissue that was already near black (an acoustic shadow, a vessel) cannot be
-seen and is not counted; a pocket larger than ``max_extent_mm`` around the tip is cut there; the
-bright needle shaft inside a pocket is not fluid and is not counted.
+seen and is not counted; a pocket larger than ``max_extent_mm`` around the tip is cut there; a
+fluid film thinner than ~0.5 mm is not resolved; probe drift beyond ~1 mm, or rotation beyond
+the motion tolerance, makes the baseline stale (re-arm); without needle labels the bright shaft
+and its reverberations inside a pocket are not counted as fluid.
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ import cv2
 import numpy as np
 
 from usguide.frame import Frame
-from usguide.labels import NERVE
+from usguide.labels import NEEDLE, NERVE
 
 Point = tuple[float, float]
 Box = tuple[int, int, int, int]
@@ -102,6 +111,15 @@ class SpreadConfig:
         Approximate pixel size of the working copy; the frame is reduced by a whole factor.
     smooth_mm : float
         Standard deviation of the working copy's blur.
+    needle_gap_mm : float
+        Gaps in the pocket up to this wide over the needle (class 4) or its reverberations are
+        fluid: the shaft crossing a pocket hides the fluid behind it.
+    needle_reverb_mm : float
+        Depth below the needle's label where its reverberations may cross the pocket.
+    needle_tolerance_mm : float
+        The motion tolerance wherever the needle (and its reverberations) has been since
+        arming: it moves with the hand, not with the tissue. Pass the labels on the frame the
+        stage is armed in, so the baseline's needle is known.
     ring_mm : float
         Width of the band just outside the nerve used for :attr:`SpreadState.nerve_coverage`.
     surround_fraction : float
@@ -122,8 +140,8 @@ class SpreadConfig:
 
     max_ratio: float = 0.5
     min_drop: float = 12.0
-    grow_ratio: float = 0.65
-    grow_drop: float = 5.0
+    grow_ratio: float = 0.75
+    grow_drop: float = 3.0
     max_grey: float = 50.0
     dark_fraction: float = 0.6
     edge_level: float = 0.5
@@ -136,6 +154,9 @@ class SpreadConfig:
     max_shift_mm: float = 4.0
     work_spacing_mm: float = 0.2
     smooth_mm: float = 0.2
+    needle_gap_mm: float = 3.0
+    needle_reverb_mm: float = 3.0
+    needle_tolerance_mm: float = 1.0
     ring_mm: float = 1.0
     surround_fraction: float = 0.6
     confirm_frames: int = 2
@@ -150,19 +171,15 @@ class SpreadConfig:
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         for name in (
-            "seed_radius_mm", "max_extent_mm", "work_spacing_mm", "ring_mm",
+            "seed_radius_mm", "max_extent_mm", "work_spacing_mm", "ring_mm", "needle_gap_mm",
             "nominal_spacing_mm", "frame_time_s", "growth_window_s",
         ):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in (
-            "min_drop",
-            "grow_drop",
-            "edge_mm",
-            "min_area_mm2",
-            "motion_tolerance_mm",
-            "smooth_mm",
-        ):
+            "min_drop", "grow_drop", "edge_mm", "min_area_mm2", "motion_tolerance_mm",
+            "smooth_mm", "max_shift_mm", "needle_reverb_mm", "needle_tolerance_mm",
+        ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.confirm_frames < 1:
@@ -219,12 +236,27 @@ def _disc(radius: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
 
 
+def _square(radius: int) -> np.ndarray:
+    """``(2r+1, 2r+1)`` square structuring element: separable, so fast at large sizes."""
+    return np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+
+
 def _fft_size(n: int) -> int:
     """The largest even size <= ``n`` whose DFT is fast (2^a 3^b 5^c); 0 when ``n`` < 2."""
     for m in range(n - n % 2, 1, -2):
         if cv2.getOptimalDFTSize(m) == m:
             return m
     return 0
+
+
+def _labels_at(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Distinct non-zero values of ``labels`` where the uint8 ``mask`` is non-zero."""
+    points = cv2.findNonZero(mask)  # x, y of each: small, unlike a full boolean index
+    if points is None:
+        return np.zeros(0, np.int32)
+    points = points.reshape(-1, 2)
+    found = np.unique(labels[points[:, 1], points[:, 0]])
+    return found[found > 0]
 
 
 def _overlap(start: int, stop: int, offset: int, size: int) -> tuple[int, int]:
@@ -260,6 +292,8 @@ class InjectateSpread:
         self._mask_box: Box | None = None
         self._pocket_box: Box | None = None
         self._last_box: Box | None = None
+        self._rings_ready = False
+        self._needle_seen_any = False
         self.reset()
 
     # -- state ---------------------------------------------------------------------------------
@@ -279,6 +313,7 @@ class InjectateSpread:
 
     @property
     def mask(self) -> np.ndarray:
+        """``(H, W)`` bool pocket of the last frame (a view of a reused buffer)."""
         return self._mask.view(bool)
 
     def reset(self) -> None:
@@ -294,7 +329,8 @@ class InjectateSpread:
     def arm(self, frame: Frame, tip_xy: Point) -> None:
         """Keep ``frame``'s imaging region as the baseline: the tip is at the target, no fluid yet.
 
-        Arming again replaces the baseline.
+        Arming again replaces the baseline. Call the stage with the same frame and its labels
+        next, so the needle's place in the baseline is known.
 
         Parameters
         ----------
@@ -318,15 +354,22 @@ class InjectateSpread:
         tissue = float(np.searchsorted(np.cumsum(hist), 0.5 * hist.sum())) if hist.sum() else 0.0
         ceiling = min(cfg.max_grey, cfg.dark_fraction * tissue)
 
-        def threshold(ratio: float, drop: float) -> np.ndarray:
+        def threshold(base_min: np.ndarray, ratio: float, drop: float) -> np.ndarray:
             # cur < this map: the three bounds in one (ceil for "<" on integers; 0 = never).
             bound = np.minimum(np.minimum(ratio * base_min, base_min - drop), ceiling)
             return np.clip(np.floor(bound) + 1, 0, 255).astype(np.uint8)
 
-        self._core_thr = threshold(cfg.max_ratio, cfg.min_drop)
-        self._grow_thr = threshold(cfg.grow_ratio, cfg.grow_drop)
+        self._core_thr = threshold(base_min, cfg.max_ratio, cfg.min_drop)
+        self._grow_thr = threshold(base_min, cfg.grow_ratio, cfg.grow_drop)
+        # Around the needle, whose shaft and reverberations move with the hand, not the tissue.
+        wide = cv2.erode(cur, _disc(max(1, round(cfg.needle_tolerance_mm / self._work_spacing))))
+        wide = wide.astype(np.float32)
+        self._core_wide = threshold(wide, cfg.max_ratio, cfg.min_drop)
+        self._grow_wide = threshold(wide, cfg.grow_ratio, cfg.grow_drop)
         if cfg.track_motion and self._window is not None:
             self._coarse_base = self._coarse(cur).copy()
+        self._needle_seen.fill(0)
+        self._needle_seen_any = False
         self._anchor = (float(tip_xy[0]), float(tip_xy[1]))
         self._armed = True
 
@@ -380,11 +423,19 @@ class InjectateSpread:
         ext = max(2, round(cfg.max_extent_mm / work_mm))
         wx0, wx1 = _overlap(max(0, math.floor(tx) - ext), min(w, math.ceil(tx) + ext + 1), sx, w)
         wy0, wy1 = _overlap(max(0, math.floor(ty) - ext), min(h, math.ceil(ty) + ext + 1), sy, h)
+        has_nerve = has_needle = False
+        if labels is not None:
+            has_nerve, has_needle = self._classes_small(labels)
+        self._rings_ready = False
         count = 0
+        min_area_px = cfg.min_area_mm2 / (px_mm * px_mm)
         if wx1 - wx0 >= 3 and wy1 - wy0 >= 3:
-            count = self._find_pocket(cur, (wx0, wy0, wx1, wy1), (tx, ty), work_mm)
+            window = (wx0, wy0, wx1, wy1)
+            count = self._find_pocket(
+                cur, window, (tx, ty), work_mm, has_nerve, has_needle, min_area_px
+            )
         area_px = count * f * f
-        raw = count > 0 and area_px >= cfg.min_area_mm2 / (px_mm * px_mm)
+        raw = count > 0 and area_px >= min_area_px
         self._run = self._run + 1 if raw else 0
         detected = raw and self._run >= cfg.confirm_frames
         if not detected:
@@ -392,10 +443,8 @@ class InjectateSpread:
         growing = self._growth(t, area_px, cfg.min_growth_mm2 / (px_mm * px_mm))
 
         coverage = None
-        if labels is not None:
-            nerve = self._nerve_small(labels)
-            if cv2.countNonZero(nerve):
-                coverage = self._coverage(work_mm) if detected else 0.0
+        if has_nerve:
+            coverage = self._coverage(work_mm) if detected else 0.0
         bbox = None
         if detected and self._pocket_box is not None:
             bx0, by0, bx1, by1 = self._pocket_box
@@ -455,6 +504,11 @@ class InjectateSpread:
         self._labels = np.zeros((h, w), np.int32)
         self._nerve = np.zeros((h, w), np.uint8)
         self._ring = np.zeros((h, w), np.uint8)
+        self._scratch = np.zeros((h, w), np.uint8)
+        self._needle = np.zeros((h, w), np.uint8)
+        self._needle_seen = np.zeros((h, w), np.uint8)
+        self._grow_buf = np.zeros((h, w), np.uint8)
+        self._core_buf = np.zeros((h, w), np.uint8)
         self._nerve_labels = np.zeros((h, w), np.int32)
         self._mask = np.zeros(frame.pixels.shape[:2], np.uint8)
         self._mask_box = self._pocket_box = None
@@ -526,16 +580,50 @@ class InjectateSpread:
         if response > 0.1 and math.hypot(dx, dy) <= max_shift:
             self._shift = (round(dx), round(dy))
 
-    def _find_pocket(self, cur: np.ndarray, window: Box, tip: Point, work_mm: float) -> int:
+    def _find_pocket(
+        self,
+        cur: np.ndarray,
+        window: Box,
+        tip: Point,
+        work_mm: float,
+        has_nerve: bool,
+        has_needle: bool,
+        min_area_px: float,
+    ) -> int:
         """The pocket in working pixels within ``window`` (x0, y0, x1, y1 exclusive), 0/1 in
-        ``_pocket`` with its exclusive box in ``_pocket_box``; returns its pixel count (0: none)."""
+        ``_pocket`` with its exclusive box in ``_pocket_box``; returns its pixel count (0: none).
+
+        With a nerve in ``_nerve``, other newly dark regions along the outline ring of a nerve
+        the pocket touches join it: fluid tracking around a nerve shows as separate crescents
+        where it runs out of the imaging plane. With a needle in ``_needle``, the needle pixels
+        the pocket closes over (a shaft crossing it) are fluid hidden behind the shaft.
+        """
         cfg = self.config
         wx0, wy0, wx1, wy1 = window
         sx, sy = self._shift
         in_base = (slice(wy0 - sy, wy1 - sy), slice(wx0 - sx, wx1 - sx))
         cur_w = cur[wy0:wy1, wx0:wx1]
+        grow_thr, core_thr = self._grow_thr[in_base], self._core_thr[in_base]
+        if self._needle_seen_any:
+            # Where the needle has been since arming (its shaft and reverberations move with
+            # the hand, not the tissue; a withdrawn tip uncovers tissue), compare with the
+            # darkest baseline within a wider radius.
+            part = (slice(wy0, wy1), slice(wx0, wx1))
+            zone = self._needle_seen[part]
+            np.copyto(self._grow_buf[part], grow_thr)
+            np.copyto(self._core_buf[part], core_thr)
+            grow_thr = cv2.copyTo(self._grow_wide[in_base], zone, self._grow_buf[part])
+            core_thr = cv2.copyTo(self._core_wide[in_base], zone, self._core_buf[part])
         cand = self._cand[wy0:wy1, wx0:wx1]
-        cv2.compare(cur_w, self._grow_thr[in_base], cv2.CMP_LT, dst=cand)
+        cv2.compare(cur_w, grow_thr, cv2.CMP_LT, dst=cand)
+        gap = max(1, round(0.5 * cfg.needle_gap_mm / work_mm))
+        if has_needle:
+            # Bridge the shaft and its reverberation lines where fluid lies on both sides, so
+            # the pieces they cut the pocket into stay one.
+            bridged = self._scratch[wy0:wy1, wx0:wx1]
+            cv2.morphologyEx(cand, cv2.MORPH_CLOSE, _square(gap), dst=bridged)
+            cv2.bitwise_and(bridged, self._needle[wy0:wy1, wx0:wx1], dst=bridged)
+            cv2.bitwise_or(cand, bridged, dst=cand)
         cv2.morphologyEx(cand, cv2.MORPH_OPEN, _KERNEL3, dst=cand)
 
         # Core pixels in the tip's disc: the seeds.
@@ -546,20 +634,24 @@ class InjectateSpread:
         sy0, sy1 = max(0, math.floor(ly - r)), min(wh, math.ceil(ly + r) + 1)
         if sx0 >= sx1 or sy0 >= sy1 or not cv2.countNonZero(cand[sy0:sy1, sx0:sx1]):
             return 0
-        core_thr = self._core_thr[in_base][sy0:sy1, sx0:sx1]
-        yy, xx = np.ogrid[sy0:sy1, sx0:sx1]
-        seeds = (cur_w[sy0:sy1, sx0:sx1] < core_thr) & (cand[sy0:sy1, sx0:sx1] > 0)
+        disc = (slice(sy0, sy1), slice(sx0, sx1))
+        yy, xx = np.ogrid[disc]
+        seeds = (cur_w[disc] < core_thr[disc]) & (cand[disc] > 0)
         seeds &= (xx - lx) ** 2 + (yy - ly) ** 2 <= r * r
         if not seeds.any():
             return 0
         lab = self._labels[wy0:wy1, wx0:wx1]
         cv2.connectedComponents(cand, labels=lab, connectivity=8)
-        ids = np.unique(lab[sy0:sy1, sx0:sx1][seeds])
+        ids = np.unique(lab[disc][seeds])
+        ids = ids[ids > 0]
         in_window = self._pocket[wy0:wy1, wx0:wx1]
-        if ids.size == 1:
-            cv2.compare(lab, int(ids[0]), cv2.CMP_EQ, dst=in_window)
-        else:
-            np.multiply(np.isin(lab, ids), 255, out=in_window, casting="unsafe")
+        cv2.compare(lab, int(ids[0]), cv2.CMP_EQ, dst=in_window)
+        for k in ids[1:]:
+            scratch = cv2.compare(lab, int(k), cv2.CMP_EQ, dst=self._scratch[wy0:wy1, wx0:wx1])
+            cv2.bitwise_or(in_window, scratch, dst=in_window)
+        if has_nerve:
+            lobe_px = min_area_px / (self._factor * self._factor)
+            self._add_lobes(cur_w, core_thr, window, ids, work_mm, lobe_px)
 
         # Their box, grown by the edge's reach, in working pixels.
         reach = max(1, round(cfg.edge_mm / work_mm))
@@ -571,7 +663,12 @@ class InjectateSpread:
 
         # Edge: `edge_level` of the way from the baseline down to the fluid's own level, within
         # `reach` of the core (the core's min-filter put its edge inside the real one).
-        fluid = cv2.mean(cur[box], mask=pocket)[0]
+        dark = pocket
+        if has_needle:  # the fluid's level from the fluid, not the bridged needle
+            dark = cv2.subtract(pocket, self._needle[box], dst=self._scratch[box])
+            if not cv2.countNonZero(dark):
+                dark = pocket
+        fluid = cv2.mean(cur[box], mask=dark)[0]
         e = cfg.edge_level
         edge = self._edge[box]
         base = self._base[by0 - sy : by1 - sy, bx0 - sx : bx1 - sx]
@@ -580,9 +677,63 @@ class InjectateSpread:
         grown = cv2.dilate(pocket, _disc(reach))
         cv2.bitwise_and(grown, edge, dst=edge)
         cv2.bitwise_or(pocket, edge, dst=pocket)
+        if has_needle:
+            # The shaft crossing the pocket, and its reverberations below it, hide fluid: the
+            # pocket's closing over them counts. (The closing stays within the pocket's box.)
+            h, w = self._h, self._w
+            gx0, gx1 = max(0, bx0 - gap), min(w, bx1 + gap)
+            gy0, gy1 = max(0, by0 - gap), min(h, by1 + gap)
+            near = (slice(gy0, gy1), slice(gx0, gx1))
+            closed = cv2.morphologyEx(self._pocket[near], cv2.MORPH_CLOSE, _square(gap))
+            cv2.bitwise_and(closed, self._needle[near], dst=closed)
+            cv2.bitwise_or(self._pocket[near], closed, dst=self._pocket[near])
         np.minimum(pocket, 1, out=pocket)  # 0/1: the overlay's bool view
         self._pocket_box = (bx0, by0, bx1, by1)
         return cv2.countNonZero(pocket)
+
+    def _add_lobes(
+        self,
+        cur_w: np.ndarray,
+        core_thr: np.ndarray,
+        window: Box,
+        ids: np.ndarray,
+        work_mm: float,
+        min_px: float,
+    ) -> None:
+        """Add to the pocket the newly dark regions (with a core, at least ``min_px``) that reach
+        the outline ring of a nerve the pocket touches."""
+        wx0, wy0, wx1, wy1 = window
+        part = (slice(wy0, wy1), slice(wx0, wx1))
+        self._nerve_rings(work_mm)
+        rings, nerve = self._nerve_labels[part], self._nerve[part]
+        pocket, lab, cand = self._pocket[part], self._labels[part], self._cand[part]
+        scratch, band = self._scratch[part], self._ring[part]
+        touched = _labels_at(rings, cv2.subtract(pocket, nerve, dst=scratch))
+        if touched.size == 0:
+            return
+        band[...] = 0
+        for k in touched:
+            cv2.bitwise_or(band, cv2.compare(rings, int(k), cv2.CMP_EQ, dst=scratch), dst=band)
+        cv2.subtract(band, nerve, dst=band)
+        lobes = np.setdiff1d(_labels_at(lab, cv2.bitwise_and(band, cand, dst=band)), ids)
+        if lobes.size == 0:
+            return
+        core = cv2.compare(cur_w, core_thr, cv2.CMP_LT, dst=band)
+        lobes = np.intersect1d(lobes, _labels_at(lab, cv2.bitwise_and(core, cand, dst=core)))
+        for k in lobes:
+            lobe = cv2.compare(lab, int(k), cv2.CMP_EQ, dst=scratch)
+            if cv2.countNonZero(lobe) >= min_px:
+                cv2.bitwise_or(pocket, lobe, dst=pocket)
+
+    def _nerve_rings(self, work_mm: float) -> None:
+        """Components of the nerve dilated by ``ring_mm`` into ``_nerve_labels`` (once a frame):
+        nerve parts closer than two ring widths are one nerve (the fascicles of a plexus)."""
+        if self._rings_ready:
+            return
+        ring_px = max(1, round(self.config.ring_mm / work_mm))
+        grown = cv2.dilate(self._nerve, _disc(ring_px), dst=self._ring)
+        cv2.connectedComponents(grown, labels=self._nerve_labels, connectivity=8)
+        self._rings_ready = True
 
     def _growth(self, t: float, area_px: int, min_growth_px: float) -> bool:
         """Record the area; True when it rose over the last ``growth_window_s``."""
@@ -596,32 +747,40 @@ class InjectateSpread:
         ref = hist[0][1]
         return area_px - ref >= max(cfg.min_growth * ref, min_growth_px)
 
-    def _nerve_small(self, labels: np.ndarray) -> np.ndarray:
-        """The nerve (class 1) at working resolution (nearest sample), 0/255 in ``_nerve``."""
+    def _classes_small(self, labels: np.ndarray) -> tuple[bool, bool]:
+        """Nerve (class 1) and needle (class 4, with its reverberation zone below it) at working
+        resolution (nearest sample), 0/255 in ``_nerve`` and ``_needle``; whether each is
+        present."""
         f, h, w = self._factor, self._h, self._w
         x0, y0 = self._box[0], self._box[1]
         crop = labels[y0 : y0 + h * f, x0 : x0 + w * f]
         if crop.dtype != np.uint8:
             crop = crop.astype(np.uint8)
         # Nearest by a whole factor samples every f-th pixel, like crop[::f, ::f], without a copy.
-        cv2.resize(crop, (w, h), dst=self._nerve, interpolation=cv2.INTER_NEAREST)
-        return cv2.compare(self._nerve, NERVE, cv2.CMP_EQ, dst=self._nerve)
+        cv2.resize(crop, (w, h), dst=self._scratch, interpolation=cv2.INTER_NEAREST)
+        cv2.compare(self._scratch, NERVE, cv2.CMP_EQ, dst=self._nerve)
+        needle = cv2.compare(self._scratch, NEEDLE, cv2.CMP_EQ, dst=self._needle)
+        has_needle = cv2.countNonZero(needle) > 0
+        if has_needle:
+            # The needle's zone: spread down the beam over its reverberations (a column kernel
+            # anchored at its bottom row) and a pixel sideways.
+            depth = max(1, round(self.config.needle_reverb_mm / self._work_spacing))
+            cv2.dilate(needle, np.ones((depth + 1, 3), np.uint8), dst=needle, anchor=(1, depth))
+            cv2.bitwise_or(self._needle_seen, needle, dst=self._needle_seen)
+            self._needle_seen_any = True
+        return cv2.countNonZero(self._nerve) > 0, has_needle
 
     def _coverage(self, work_mm: float) -> float:
         """Share of the outline ring of the nerve(s) the pocket touches that the pocket covers."""
         if self._pocket_box is None:
             return 0.0
-        ring_px = max(1, round(self.config.ring_mm / work_mm))
-        nerve = self._nerve
-        # Dilated by the ring: its components group nerve parts closer than two ring widths.
-        grown = cv2.dilate(nerve, _disc(ring_px), dst=self._ring)
-        lab = self._nerve_labels
-        cv2.connectedComponents(grown, labels=lab, connectivity=8)
+        self._nerve_rings(work_mm)
+        nerve, lab = self._nerve, self._nerve_labels
         bx0, by0, bx1, by1 = self._pocket_box
         box = (slice(by0, by1), slice(bx0, bx1))
-        touched = lab[box][(self._pocket[box] > 0) & (nerve[box] == 0)]
+        outside = cv2.subtract(self._pocket[box], nerve[box], dst=self._scratch[box])
         ring = covered = 0
-        for k in np.unique(touched[touched > 0]):
+        for k in _labels_at(lab[box], outside):
             part = cv2.compare(lab, int(k), cv2.CMP_EQ, dst=self._ring)
             cv2.subtract(part, nerve, dst=part)  # the band outside the nerve only
             ring += cv2.countNonZero(part)

@@ -9,8 +9,9 @@ fluid looks like with a linear probe at the top of the image (depth increasing d
 - an **irregular outline**: an ellipse whose radius is modulated by a smooth random profile
   (harmonics 2 to 6 around it), fixed for a whole sequence so the pocket keeps its shape as it
   grows (:func:`random_outline`);
-- a **near-black interior** (fluid has no scatterers): a low grey level with a little smooth
-  electronic noise and a trace of the tissue behind it;
+- a **near-black interior** (fluid has no scatterers): the noise floor, a little smooth noise and
+  a trace of the tissue behind it. The floor scales with the frame's brightness: gain lifts
+  tissue and noise alike, so a dimly set scanner shows fluid blacker than a bright one;
 - a **soft edge**: a linear ramp about as wide as the point-spread function (~0.2 mm), exactly
   half-way at the outline, so the ground truth is the set of pixels whose centre lies inside it;
 - **posterior acoustic enhancement**: tissue below the fluid is brighter (fluid attenuates less
@@ -38,6 +39,9 @@ from usguide.data.needle_render import _grey, _spacing
 _MIN_EDGE_PX = 1.0
 # Harmonics of the outline's random radial profile: low orders only, so the outline is smooth.
 _HARMONICS = (2, 3, 4, 5, 6)
+# Fluid's mean level and noise as fractions of the tissue's median level (the same gain lifts
+# both); grey levels below _BLACK are the margins around a sector, not tissue.
+_FLOOR, _NOISE, _BLACK = 0.08, 0.06, 8
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: == on arrays has no single truth value
@@ -95,6 +99,14 @@ def random_outline(rng: np.random.Generator, irregularity: float = 0.12, n: int 
     return np.clip(profile, -0.4, 0.4)
 
 
+def _tissue_level(grey: np.ndarray) -> float:
+    """Median grey level of the tissue (pixels at least ``_BLACK``); 0 for a black image."""
+    hist = np.bincount(grey.ravel(), minlength=256)
+    hist[:_BLACK] = 0
+    total = int(hist.sum())
+    return float(np.searchsorted(np.cumsum(hist), 0.5 * total)) if total else 0.0
+
+
 def _box(shape: tuple[int, int], region: tuple[int, int, int, int] | None) -> tuple[int, ...]:
     height, width = shape
     if region is None:
@@ -115,8 +127,8 @@ def render_injectate(
     outline: np.ndarray | None = None,
     irregularity: float = 0.12,
     spacing_mm: float | tuple[float, float] | None = None,
-    interior: float = 5.0,
-    noise: float = 3.0,
+    interior: float | None = None,
+    noise: float | None = None,
     residual: float = 0.06,
     enhancement: float = 0.3,
     push: float = 0.0,
@@ -147,10 +159,11 @@ def render_injectate(
         Used only when ``outline`` is None.
     spacing_mm : float or (float, float) or None
         mm per pixel; None assumes 0.1. Sets the edge width (~0.2 mm) and the noise grain.
-    interior : float
-        Mean grey level of the fluid.
-    noise : float
-        Standard deviation of the fluid's smooth noise, grey levels.
+    interior : float or None
+        Mean grey level of the fluid; None: 8 % of the region's median tissue level.
+    noise : float or None
+        Standard deviation of the fluid's smooth noise, grey levels; None: 6 % of the region's
+        median tissue level (at least 1).
     residual : float
         Fraction of the tissue's texture that shows through the fluid.
     enhancement : float
@@ -253,6 +266,9 @@ def render_injectate(
     grain = max(0.6, 0.1 / spacing)
     fluid = rng.standard_normal(alpha.shape).astype(np.float32)
     fluid = cv2.GaussianBlur(fluid, (0, 0), grain)
+    level = _tissue_level(grey[y0 : y1 + 1, x0 : x1 + 1])
+    interior = _FLOOR * level if interior is None else interior
+    noise = max(1.0, _NOISE * level) if noise is None else noise
     fluid *= noise / max(float(fluid.std()), 1e-6)
     fluid = np.abs(interior + fluid) + residual * tissue
     drawn = (1.0 - alpha) * tissue + alpha * fluid
