@@ -5,8 +5,9 @@ Usage::
     python benchmarks/segment_accuracy.py [--model-dir models/usguide-seg] [--data DIR] [--seed 0]
 
 1. Per-class Dice with bootstrap 95% intervals on the validation split (the split training used,
-   same seed), at each image's native size through the runtime stage (onnxruntime), for every
-   model file in the folder side by side (model.onnx as shipped, model_fp32.onnx):
+   same seed), at each image's native size through the runtime stage, for every inference
+   engine installed and every model file in the folder side by side (model.onnx as shipped,
+   model_fp32.onnx):
    nerve and vessel on USGRA-Seg, fascia on DL_Track, and the needle rendered onto every
    validation image at native size (a fixed seed, independent of the renders seen in training).
 2. Temporal stability: label agreement between consecutive frames (mean over classes present of
@@ -31,7 +32,7 @@ from usguide.evaluate import DiceTable, dice, format_table
 from usguide.frame import Frame, Region
 from usguide.imaging_region import find_imaging_region
 from usguide.labels import NEEDLE
-from usguide.segment import Segmenter
+from usguide.segment import Segmenter, available_engines
 from usguide.sources.dicom import DicomSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,8 +85,10 @@ def moving_sequence(image: np.ndarray, n: int, rng: np.random.Generator) -> list
     return frames
 
 
-def stability(model: Path, frames_sets: list[list[np.ndarray]], smoothing: float) -> float:
-    seg = Segmenter(model, smoothing=smoothing)
+def stability(
+    model: Path, frames_sets: list[list[np.ndarray]], smoothing: float, engine: str = "auto"
+) -> float:
+    seg = Segmenter(model, smoothing=smoothing, engine=engine)
     values = []
     for frames in frames_sets:
         seg.reset()
@@ -114,13 +117,14 @@ def main() -> None:
         f"# segmentation accuracy: validation split seed {args.seed}, {len(triples)} images "
         f"(real and with rendered needles), {platform.machine()} {os.cpu_count()} cores"
     )
-    for model in models:
-        seg = Segmenter(model)
-        table = DiceTable()
-        for image, truth, labelled, _ in triples:
-            table.add(seg(as_frame(image)).copy(), truth, labelled)
-        print(f"\n## {model.name}\n")
-        print(format_table(table.summary(seed=args.seed)))
+    for engine in available_engines():
+        for model in models:
+            seg = Segmenter(model, engine=engine)
+            table = DiceTable()
+            for image, truth, labelled, _ in triples:
+                table.add(seg(as_frame(image)).copy(), truth, labelled)
+            print(f"\n## {model.name}, {engine}\n")
+            print(format_table(table.summary(seed=args.seed)))
 
     rng = np.random.default_rng(args.seed)
     usgra = UsgraSeg(args.data)

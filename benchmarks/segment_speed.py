@@ -14,6 +14,7 @@ cycled.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from usguide.segment import Segmenter
+from usguide.segment import Segmenter, available_engines
 from usguide.sources.dicom import DicomSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,23 +48,22 @@ def main() -> None:
     ]
     print(
         f"# segmentation speed: {platform.machine()}, {os.cpu_count()} cores, "
-        f"{args.threads} onnxruntime threads, 640 x 480 frames x {args.frames}"
+        f"{args.threads} inference threads, 640 x 480 frames x {args.frames}"
     )
-    print("| model | part | median ms | p95 ms | p99 ms | fps |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| engine | model | part | median ms | p95 ms | p99 ms | fps |")
+    print("|---|---|---|---:|---:|---:|---:|")
     rows = {}
-    for path in models:
-        seg = Segmenter(path, threads=args.threads)
+    for engine, path in itertools.product(available_engines(), models):
+        seg = Segmenter(path, threads=args.threads, engine=engine)
         x = np.random.default_rng(0).standard_normal((1, 1, *seg.info.input_size), np.float32)
-        run = seg._session.run
-        name = seg._input
+        run = seg._engine.run
         for _ in range(30):
-            run(None, {name: x})
+            run(x)
             seg(frames[0])
         infer, stage = [], []
         for i in range(args.frames):
             t = time.perf_counter()
-            run(None, {name: x})
+            run(x)
             infer.append(time.perf_counter() - t)
             frame = frames[i % len(frames)]
             t = time.perf_counter()
@@ -71,13 +71,17 @@ def main() -> None:
             stage.append(time.perf_counter() - t)
         for part, times in (("inference", infer), ("whole stage", stage)):
             med, p95, p99 = percentiles(times)
-            rows[(path.name, part)] = med
+            rows[(engine, path.name, part)] = med
             print(
-                f"| {path.name} | {part} | {med:.2f} | {p95:.2f} | {p99:.2f} | {1000 / med:.0f} |"
+                f"| {engine} | {path.name} | {part} | {med:.2f} | {p95:.2f} | {p99:.2f} | "
+                f"{1000 / med:.0f} |"
             )
-    if ("model_fp32.onnx", "inference") in rows and ("model.onnx", "inference") in rows:
-        ratio = rows[("model_fp32.onnx", "inference")] / rows[("model.onnx", "inference")]
-        print(f"\nshipped model.onnx inference is {ratio:.2f}x the speed of model_fp32.onnx")
+    base = rows.get(("onnxruntime", "model.onnx", "whole stage"))
+    if base is not None:
+        print("\nwhole stage, speed relative to onnxruntime with the shipped model.onnx:")
+        for (engine, name, part), med in rows.items():
+            if part == "whole stage":
+                print(f"- {engine} {name}: {base / med:.2f}x")
 
 
 if __name__ == "__main__":

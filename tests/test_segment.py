@@ -11,22 +11,25 @@ import pytest
 from usguide.errors import UsguideError
 from usguide.evaluate import DiceTable
 from usguide.labels import CLASS_NAMES
-from usguide.segment import DEFAULT_MODEL, ModelError, Segmenter, open_model
+from usguide.segment import DEFAULT_MODEL, ModelError, Segmenter, available_engines, open_model
 from usguide.sources.dicom import DicomSource
 from usguide.sources.images import ImageSource, read_mask
 
 pytestmark = pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="shipped model missing")
 
 SAMPLES = Path(__file__).resolve().parent / "data" / "usgra-seg"
+ENGINES = available_engines()
 
 
-@pytest.fixture(scope="module")
-def segmenter() -> Segmenter:
-    return Segmenter()
+@pytest.fixture(scope="module", params=ENGINES)
+def segmenter(request: pytest.FixtureRequest) -> Segmenter:
+    return Segmenter(engine=request.param)
 
 
-def test_shipped_model_metadata_is_complete() -> None:
-    info, session = open_model(DEFAULT_MODEL)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_shipped_model_metadata_is_complete(engine: str) -> None:
+    info, runner = open_model(DEFAULT_MODEL, engine=engine)
+    assert runner.name == engine
     assert info.class_names == CLASS_NAMES
     assert info.input_size == (256, 256)
     assert info.normalisation["mode"] == "zscore"
@@ -39,7 +42,29 @@ def test_shipped_model_metadata_is_complete() -> None:
     card = json.loads((DEFAULT_MODEL.parent / "metadata.json").read_text())
     assert card["version"] == info.version
     assert card["input_size"] == list(info.input_size)
-    assert session.get_outputs()[0].shape[1] == len(CLASS_NAMES)
+    logits = runner.run(np.zeros((1, 1, *info.input_size), np.float32))
+    assert logits.shape == (1, len(CLASS_NAMES), *info.input_size)
+
+
+def test_auto_engine_prefers_openvino_and_unknown_engines_fail() -> None:
+    assert Segmenter().engine == ENGINES[0]
+    with pytest.raises(ModelError, match="unknown engine 'tensorrt'"):
+        Segmenter(engine="tensorrt")
+
+
+@pytest.mark.skipif(len(ENGINES) < 2, reason="needs both engines")
+def test_engines_agree_on_real_images() -> None:
+    """Both engines run the same int8 network; only their rounding differs."""
+    ov, ort = Segmenter(engine="openvino"), Segmenter(engine="onnxruntime")
+    with ImageSource(SAMPLES / "images") as images:
+        for frame in images:
+            a = ov(frame).copy()
+            b = ort(frame)
+            assert (a == b).mean() > 0.97
+            for cls in (1, 2):  # a structure one engine sees, the other sees too
+                if (b == cls).sum() > 500:
+                    overlap = ((a == cls) & (b == cls)).sum() / (b == cls).sum()
+                    assert overlap > 0.8, (frame.index, cls)
 
 
 def test_labels_have_frame_shape_and_classes(segmenter: Segmenter, dicom_dir: Path) -> None:
@@ -83,13 +108,14 @@ def test_temporal_smoothing_averages_probabilities(dicom_dir: Path) -> None:
     assert np.allclose(smooth.probabilities, pb, atol=1e-5)
 
 
-def test_missing_and_corrupt_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_missing_and_corrupt_model(tmp_path: Path, engine: str) -> None:
     with pytest.raises(ModelError, match="nope.onnx: no such model file"):
-        Segmenter(tmp_path / "nope.onnx")
+        Segmenter(tmp_path / "nope.onnx", engine=engine)
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"this is not a protobuf" * 10)
     with pytest.raises(ModelError, match="bad.onnx: not a loadable ONNX model"):
-        Segmenter(bad)
+        Segmenter(bad, engine=engine)
     assert issubclass(ModelError, UsguideError)
 
 
@@ -102,34 +128,37 @@ def _edited(tmp_path: Path, edit: object) -> Path:
     return path
 
 
-def test_model_without_metadata(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_model_without_metadata(tmp_path: Path, engine: str) -> None:
     def drop(proto: object) -> None:
         keep = [p for p in proto.metadata_props if p.key != "usguide.normalisation"]  # type: ignore[attr-defined]
         del proto.metadata_props[:]  # type: ignore[attr-defined]
         proto.metadata_props.extend(keep)  # type: ignore[attr-defined]
 
     with pytest.raises(ModelError, match="edited.onnx: metadata lacks usguide.normalisation"):
-        Segmenter(_edited(tmp_path, drop))
+        Segmenter(_edited(tmp_path, drop), engine=engine)
 
 
-def test_model_with_wrong_input_size(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_model_with_wrong_input_size(tmp_path: Path, engine: str) -> None:
     def resize(proto: object) -> None:
         for p in proto.metadata_props:  # type: ignore[attr-defined]
             if p.key == "usguide.input_size":
                 p.value = "[128, 128]"
 
     with pytest.raises(ModelError, match="input shape .* does not match"):
-        Segmenter(_edited(tmp_path, resize))
+        Segmenter(_edited(tmp_path, resize), engine=engine)
 
 
-def test_model_with_other_classes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_model_with_other_classes(tmp_path: Path, engine: str) -> None:
     def rename(proto: object) -> None:
         for p in proto.metadata_props:  # type: ignore[attr-defined]
             if p.key == "usguide.class_names":
                 p.value = json.dumps(["background", "tumour", "vessel", "fascia", "needle"])
 
     with pytest.raises(ModelError, match="class names"):
-        Segmenter(_edited(tmp_path, rename))
+        Segmenter(_edited(tmp_path, rename), engine=engine)
 
 
 def test_accuracy_floor_on_held_out_real_images(segmenter: Segmenter) -> None:

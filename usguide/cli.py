@@ -226,6 +226,13 @@ ModelOption = Annotated[
     str | None,
     typer.Option("--model", help="ONNX segmentation model (default: the shipped one)."),
 ]
+EngineOption = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="Inference engine: auto (OpenVINO where installed), openvino or onnxruntime.",
+    ),
+]
 
 
 def output_stem(source: Any, frame: Any) -> str:
@@ -245,6 +252,7 @@ def segment(
     ],
     out_dir: Annotated[str, typer.Option("--out", help="Folder for the label PNGs.")],
     model: ModelOption = None,
+    engine: EngineOption = "auto",
     overlay: Annotated[
         bool, typer.Option("--overlay", help="Also write colour overlays to OUT/overlays/.")
     ] = False,
@@ -267,7 +275,7 @@ def segment(
 
     target = Path(out_dir)
     with user_errors():
-        segmenter = Segmenter(model, smoothing=smoothing)
+        segmenter = Segmenter(model, engine=engine, smoothing=smoothing)
         options = source_options(spacing, region, detect)
         sources = [open_source(path, **options) for path in inputs]
         total = sum(s.frame_count or 0 for s in sources)
@@ -318,6 +326,7 @@ def evaluate(
         str, typer.Option("--masks", help="Folder of label PNGs with the same stems.")
     ],
     model: ModelOption = None,
+    engine: EngineOption = "auto",
     json_out: Annotated[
         str, typer.Option("--json", help="Where to write the results as JSON.")
     ] = "evaluation.json",
@@ -362,7 +371,7 @@ def evaluate(
             from usguide.errors import EmptySourceError
 
             raise EmptySourceError(masks, "no mask has the stem of an image")
-        segmenter = Segmenter(model)
+        segmenter = Segmenter(model, engine=engine)
         table = DiceTable()
         source = ImageSource([p for p, _ in pairs])
         with make_progress() as bar, source:
@@ -398,6 +407,7 @@ def track(
     ],
     out_csv: Annotated[str, typer.Option("--out", help="CSV of the tip, one row per frame.")],
     model: ModelOption = None,
+    engine: EngineOption = "auto",
     hold: Annotated[
         float,
         typer.Option(help="Seconds the tip may go unseen before it is reported not visible."),
@@ -423,7 +433,7 @@ def track(
     with user_errors():
         if hold < 0:
             raise UsguideError("--hold", f"must be 0 or more seconds, got {hold}")
-        segmenter = Segmenter(model)
+        segmenter = Segmenter(model, engine=engine)
         stage = NeedleStage(replace(NeedleConfig(), hold_s=hold))
         source = open_source(input_path, **source_options(spacing, region, detect))
         if target.parent != Path():
@@ -589,6 +599,7 @@ def run(
         ),
     ],
     model: ModelOption = None,
+    engine: EngineOption = "auto",
     video: Annotated[
         str | None, typer.Option("--out", help="Overlay video to write (.mp4).")
     ] = None,
@@ -637,7 +648,7 @@ def run(
             targets.append((xy[0], xy[1]))
         spec: Any = int(input_path) if input_path.isdigit() else input_path
         source = open_source(spec, **source_options(spacing, region, detect))
-        pipeline = Pipeline(model, guidance=settings, targets=targets)
+        pipeline = Pipeline(model, engine=engine, guidance=settings, targets=targets)
         if not source.spacing_mm:
             err.print("[yellow]calibration unknown:[/] distances are in px")
         run_pipeline(
@@ -654,6 +665,7 @@ def demo(
         str, typer.Option("--out", help="Folder for the overlay video and the results log.")
     ] = "usguide-demo",
     model: ModelOption = None,
+    engine: EngineOption = "auto",
     window: WindowFlag = False,
 ) -> None:
     """Run the whole pipeline on the bundled demo scan: a nerve-block cine built from one real
@@ -674,7 +686,7 @@ def demo(
         )
         summary = run_pipeline(
             source,
-            Pipeline(model),
+            Pipeline(model, engine=engine),
             video=str(folder / "overlay.mp4"),
             log=str(folder / "results.jsonl"),
             window=window,

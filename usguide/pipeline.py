@@ -89,7 +89,9 @@ class Pipeline:
     model : path, optional
         Segmentation model (default: the shipped ``usguide-seg``).
     threads : int
-        onnxruntime threads.
+        Inference threads.
+    engine : str
+        Inference engine: "auto", "openvino" or "onnxruntime" (:func:`usguide.segment.open_model`).
     smoothing : float
         Temporal smoothing of the segmentation, 0 to <1 (no added latency).
     needle : NeedleConfig, optional
@@ -112,6 +114,7 @@ class Pipeline:
         model: str | os.PathLike[str] | None = None,
         *,
         threads: int = 2,
+        engine: str = "auto",
         smoothing: float = 0.5,
         needle: NeedleConfig | None = None,
         guidance: GuidanceConfig | None = None,
@@ -121,7 +124,7 @@ class Pipeline:
         from usguide.overlay import OverlayRenderer
         from usguide.segment import Segmenter
 
-        self.segmenter = Segmenter(model, threads=threads, smoothing=smoothing)
+        self.segmenter = Segmenter(model, threads=threads, engine=engine, smoothing=smoothing)
         self.needle = NeedleStage(needle)
         self.guidance = Guidance(guidance, tuple(targets))
         self.renderer = OverlayRenderer() if overlay else None

@@ -9,8 +9,11 @@ brings the labels back to the frame's size, reusing its buffers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,35 +69,134 @@ def normalise(grey: np.ndarray, normalisation: dict[str, Any], out: np.ndarray) 
     return out
 
 
-def open_model(path: str | os.PathLike[str], *, threads: int = 2) -> tuple[ModelInfo, Any]:
+ENGINES = ("auto", "openvino", "onnxruntime")
+
+
+class OnnxRuntimeEngine:
+    """Runs the model with onnxruntime's CPU provider."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # onnxruntime's own warnings would bury our one-line errors
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self._input = self.session.get_inputs()[0].name
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.input_shapes = [list(i.shape) for i in self.session.get_inputs()]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Logits ``(1, C, rows, cols)`` for the input ``x`` ``(1, 1, rows, cols)``."""
+        return self.session.run(None, {self._input: x})[0]
+
+
+class OpenVinoEngine:
+    """Runs the model with OpenVINO on the CPU, in float32 (no silent bfloat16 on CPUs that
+    have it), one stream tuned for latency. About twice onnxruntime's speed on the same file."""
+
+    name = "openvino"
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        with _native_stderr_silenced():
+            model = core.read_model(str(path))
+        info = model.get_rt_info()
+        # ONNX metadata_props arrive in the model's runtime info under "framework".
+        framework = dict(info["framework"]) if "framework" in info else {}
+        self.metadata = {str(k): str(v.astype(str)) for k, v in framework.items()}
+        self.input_shapes = [
+            [d.get_length() if d.is_static else None for d in i.get_partial_shape()]
+            for i in model.inputs
+        ]
+        config = {
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+            "INFERENCE_PRECISION_HINT": "f32",
+        }
+        self._compiled = core.compile_model(model, "CPU", config)
+        self._request = self._compiled.create_infer_request()
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Logits ``(1, C, rows, cols)``; the array is the engine's own output buffer, which the
+        next call overwrites."""
+        self._request.infer({0: x})
+        return self._request.get_output_tensor(0).data
+
+
+InferenceEngine = OnnxRuntimeEngine | OpenVinoEngine
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Silence C++ libraries writing straight to file descriptor 2 (OpenVINO's ONNX parser logs
+    through absl on a bad file): the Python exception carries the message, and a user's error is
+    one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def available_engines() -> tuple[str, ...]:
+    """The inference engines installed here, fastest first."""
+    import importlib.util
+
+    found = [e for e in ENGINES[1:] if importlib.util.find_spec(e) is not None]
+    return tuple(found)
+
+
+def open_model(
+    path: str | os.PathLike[str], *, threads: int = 2, engine: str = "auto"
+) -> tuple[ModelInfo, InferenceEngine]:
     """Load an ONNX segmentation model and check its metadata and input shape.
+
+    Parameters
+    ----------
+    engine : "auto", "openvino" or "onnxruntime"
+        "auto" takes OpenVINO where it is installed, else onnxruntime. Both read the same
+        ONNX file; their labels agree on about 99 % of pixels (int8 rounding differs).
 
     Returns
     -------
     info : ModelInfo
-    session : onnxruntime.InferenceSession
+    engine : OnnxRuntimeEngine or OpenVinoEngine
 
     Raises
     ------
     ModelError
-        Missing file, not a loadable ONNX model, or metadata missing or inconsistent.
+        Missing file, not a loadable ONNX model, metadata missing or inconsistent, or an
+        engine that is not installed.
     """
-    import onnxruntime as ort
-
+    if engine not in ENGINES:
+        raise ModelError(path, f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    installed = available_engines()
+    if engine == "auto":
+        engine = installed[0] if installed else "onnxruntime"
+    elif engine not in installed:
+        raise ModelError(path, f"engine {engine} is not installed (pip install {engine})")
     p = Path(path)
     if not p.is_file():
         raise ModelError(path, "no such model file")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # onnxruntime's own warnings would bury our one-line errors
+    cls = OpenVinoEngine if engine == "openvino" else OnnxRuntimeEngine
     try:
-        session = ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+        runner: InferenceEngine = cls(p, threads)
     except Exception as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(path, f"not a loadable ONNX model ({first_line[:200]})") from e
-    raw = session.get_modelmeta().custom_metadata_map
+    raw = runner.metadata
     meta = {k[len(METADATA_PREFIX) :]: v for k, v in raw.items() if k.startswith(METADATA_PREFIX)}
     missing = [k for k in REQUIRED_METADATA if k not in meta]
     if missing:
@@ -107,16 +209,15 @@ def open_model(path: str | os.PathLike[str], *, threads: int = 2) -> tuple[Model
         raise ModelError(path, f"metadata is not valid JSON of the expected form ({e})") from e
     if class_names != CLASS_NAMES:
         raise ModelError(path, f"class names {list(class_names)} differ from {list(CLASS_NAMES)}")
-    inputs = session.get_inputs()
-    if len(inputs) != 1:
-        raise ModelError(path, f"expected one input, found {len(inputs)}")
-    dims = list(inputs[0].shape)
+    if len(runner.input_shapes) != 1:
+        raise ModelError(path, f"expected one input, found {len(runner.input_shapes)}")
+    dims = runner.input_shapes[0]
     if len(dims) != 4 or dims[1] != 1 or (dims[2], dims[3]) != (rows, cols):
         raise ModelError(
             path, f"input shape {dims} does not match (N, 1, {rows}, {cols}) from its metadata"
         )
     info = ModelInfo(str(p), class_names, (rows, cols), normalisation, meta["version"], meta)
-    return info, session
+    return info, runner
 
 
 class Segmenter:
@@ -127,7 +228,9 @@ class Segmenter:
     model : path, optional
         The ONNX file; defaults to the model shipped with usguide.
     threads : int
-        onnxruntime intra-op threads.
+        Inference threads.
+    engine : "auto", "openvino" or "onnxruntime"
+        Inference engine (:func:`open_model`); ``engine`` on the instance says which runs.
     smoothing : float
         Temporal smoothing of class probabilities across consecutive frames, 0 (none) to <1.
         An exponential average is causal: it adds no frame of latency.
@@ -143,11 +246,11 @@ class Segmenter:
         model: str | os.PathLike[str] | None = None,
         *,
         threads: int = 2,
+        engine: str = "auto",
         smoothing: float = 0.0,
     ) -> None:
         path = Path(model) if model is not None else DEFAULT_MODEL
-        self.info, self._session = open_model(path, threads=threads)
-        self._input = self._session.get_inputs()[0].name
+        self.info, self._engine = open_model(path, threads=threads, engine=engine)
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
         self.smoothing = smoothing
@@ -165,6 +268,11 @@ class Segmenter:
         self._argmax = np.empty((rows, cols), np.int64)  # np.argmax writes int64 only
         self._labels_small = np.empty((rows, cols), np.uint8)
         self._labels: np.ndarray | None = None
+
+    @property
+    def engine(self) -> str:
+        """The inference engine that runs the model: "openvino" or "onnxruntime"."""
+        return self._engine.name
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -210,7 +318,7 @@ class Segmenter:
             self._labels_small.fill(0)
         else:
             normalise(self._small, self.info.normalisation, self._x[0, 0])
-            self._logits = self._session.run(None, {self._input: self._x})[0][0]
+            self._logits = self._engine.run(self._x)[0]
             if self.smoothing > 0:
                 self._smooth(self._logits)
                 np.argmax(self._probs, axis=0, out=self._argmax)
