@@ -739,57 +739,82 @@ def plan_perineural_targets(
     f = max(1, int(work_mm / mm))  # sampling step, px
     coarse = labels[f // 2 :: f, f // 2 :: f]
     cmm = mm * f  # mm per coarse pixel
-    nerve = (coarse == NERVE).view(np.uint8)
-    n, components, stats, centroids = cv2.connectedComponentsWithStats(nerve, connectivity=8)
+    # Whole-grid work is limited to cheap comparisons and bounding boxes; distance maps are
+    # computed only around the nerve, and margins are dilations where a class is present.
+    nerve = cv2.compare(coarse, NERVE, cv2.CMP_EQ)
+    nx, ny, nw, nh = cv2.boundingRect(nerve)
+    if nw == 0:
+        return []
+    n, components, stats, centroids = cv2.connectedComponentsWithStats(
+        nerve[ny : ny + nh, nx : nx + nw], connectivity=8
+    )
     if n <= 1:
         return []
     biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     if stats[biggest, cv2.CC_STAT_AREA] * cmm * cmm < min_nerve_area_mm2:
         return []
-    this_nerve = (components == biggest).astype(np.uint8)
-    # Distance maps in mm over the coarse region: to this nerve, to any nerve, to vessels, to
-    # fascia. Candidates lie on the offset_mm level line around this nerve.
-    to_this = cv2.distanceTransform(1 - this_nerve, cv2.DIST_L2, 5) * cmm
-    to_nerve = cv2.distanceTransform(1 - nerve, cv2.DIST_L2, 5) * cmm
-    to_vessel = cv2.distanceTransform((coarse != VESSEL).view(np.uint8), cv2.DIST_L2, 5) * cmm
-    to_fascia = cv2.distanceTransform((coarse != FASCIA).view(np.uint8), cv2.DIST_L2, 5) * cmm
-    ring = (to_this <= offset_mm).astype(np.uint8)
+    # Around this nerve, far enough to hold the offset ring and the fascia 1 mm beyond it.
+    pad = math.ceil((offset_mm + 1.0) / cmm) + 2
+    bx, by, bw, bh = stats[biggest, :4]
+    h, w = coarse.shape
+    cx0, cy0 = max(0, nx + bx - pad), max(0, ny + by - pad)
+    cx1, cy1 = min(w, nx + bx + bw + pad), min(h, ny + by + bh + pad)
+    outside = np.ones((cy1 - cy0, cx1 - cx0), np.uint8)
+    ox, oy = nx + bx - cx0, ny + by - cy0  # this nerve's box inside the crop
+    comp = components[by : by + bh, bx : bx + bw] == biggest
+    outside[oy : oy + bh, ox : ox + bw][comp] = 0
+    to_this = cv2.distanceTransform(outside, cv2.DIST_L2, 5)
+    ring = (to_this <= offset_mm / cmm).view(np.uint8)
     contours, _ = cv2.findContours(ring, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     if not contours:
         return []
-    points = max(contours, key=len)[:, 0, :]
+    points = max(contours, key=len)[:, 0, :] + np.array([cx0, cy0])
     points = points[:: max(1, round(0.5 / cmm))]  # every ~0.5 mm
     px, py = points[:, 0], points[:, 1]
-    keep = (to_vessel[py, px] >= vessel_margin_mm) & (coarse[py, px] != NERVE)
+    near_vessel = _near(coarse, VESSEL, vessel_margin_mm / cmm)
+    keep = coarse[py, px] != NERVE
+    if near_vessel is not None:
+        keep &= near_vessel[py, px] == 0
     points = points[keep].astype(np.float64)
     if not len(points):
         return []
-    in_plane = to_fascia[points[:, 1].astype(int), points[:, 0].astype(int)] <= 1.0
+    fascia = cv2.compare(coarse[cy0:cy1, cx0:cx1], FASCIA, cv2.CMP_NE)
+    to_fascia = cv2.distanceTransform(fascia, cv2.DIST_L2, 5)
+    in_plane = (
+        to_fascia[points[:, 1].astype(int) - cy0, points[:, 0].astype(int) - cx0] * cmm <= 1.0
+    )
+    near_nerve = _near(coarse, NERVE, nerve_margin_mm / cmm)
+    centroid = centroids[biggest] + (nx, ny)
 
-    h, w = coarse.shape
     if entry_xy is not None:
         entries = np.array([[(entry_xy[0] - f // 2) / f, (entry_xy[1] - f // 2) / f]])
     else:
         corners = {"left": [0.0, 0.0], "right": [w - 1.0, 0.0]}
         entries = np.array([corners[side] for side in sides])
-    # Every (candidate, entry) path sampled at once: K points from entry to candidate.
+    # Every (candidate, entry) path sampled at once: K points from entry to candidate, looked
+    # up in one map of what a path must keep clear of (1: near a vessel, 2: near the nerve).
+    assert near_nerve is not None  # the nerve is present
+    blocked = np.where(near_nerve != 0, np.uint8(2), np.uint8(0))
+    if near_vessel is not None:
+        blocked[near_vessel != 0] |= 1
     k = 96
-    s = np.linspace(0.0, 1.0, k)
-    a = entries[None, :, None, :]  # (1, E, 1, 2)
-    b = points[:, None, None, :]  # (N, 1, 1, 2)
+    s = np.linspace(0.0, 1.0, k, dtype=np.float32)
+    a = entries.astype(np.float32)[None, :, None, :]  # (1, E, 1, 2)
+    b = points.astype(np.float32)[:, None, None, :]  # (N, 1, 1, 2)
     path = a + (b - a) * s[None, None, :, None]  # (N, E, K, 2)
-    xs = np.clip(np.round(path[..., 0]).astype(int), 0, w - 1)
-    ys = np.clip(np.round(path[..., 1]).astype(int), 0, h - 1)
-    vessel_clear = to_vessel[ys, xs].min(axis=2) >= vessel_margin_mm
+    xs = np.clip(np.rint(path[..., 0]), 0, w - 1).astype(np.intp)
+    ys = np.clip(np.rint(path[..., 1]), 0, h - 1).astype(np.intp)
+    on_path = blocked.ravel().take(ys * w + xs)  # (N, E, K)
+    vessel_clear = ~(on_path & 1).any(axis=2)
     # The last stretch comes within offset_mm of the nerve by design: check it up to there.
-    delta = (b - a)[:, :, 0, :] * (col_mm / mm * cmm, row_mm / mm * cmm)
+    delta = (b - a)[:, :, 0, :].astype(np.float64) * (col_mm / mm * cmm, row_mm / mm * cmm)
     length_mm = np.hypot(delta[..., 0], delta[..., 1])  # (N, E)
     along_mm = s[None, None, :] * length_mm[..., None]
     near_end = along_mm > (length_mm - offset_mm - 0.5)[..., None]
-    nerve_clear = np.where(near_end, np.inf, to_nerve[ys, xs]).min(axis=2) >= nerve_margin_mm
+    nerve_clear = ~((on_path & 2).astype(bool) & ~near_end).any(axis=2)
     angle = np.degrees(np.arctan2(delta[..., 1], np.abs(delta[..., 0])))
     ok = vessel_clear & nerve_clear & (angle >= 10.0) & (angle <= 75.0)
-    centre = centroids[biggest]
+    centre = centroid
     to_entry = entries - centre  # (E, 2)
     to_point = points - centre  # (N, 2)
     facing = (to_point @ to_entry.T) / (
@@ -808,6 +833,25 @@ def plan_perineural_targets(
         if len(chosen) == count:
             break
     return chosen
+
+
+def _near(coarse: np.ndarray, label: int, radius_px: float) -> np.ndarray | None:
+    """Where ``coarse`` lies within ``radius_px`` of class ``label`` (uint8, nonzero there), or
+    None when the class is absent. Only the class's bounding box (grown by the radius) is
+    dilated."""
+    mask = cv2.compare(coarse, label, cv2.CMP_EQ)
+    x, y, w, h = cv2.boundingRect(mask)
+    if w == 0:
+        return None
+    r = max(0, math.ceil(radius_px - 0.5))
+    if r == 0:
+        return mask
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    rows, cols = coarse.shape
+    x0, y0 = max(0, x - r), max(0, y - r)
+    x1, y1 = min(cols, x + w + r), min(rows, y + h + r)
+    mask[y0:y1, x0:x1] = cv2.dilate(mask[y0:y1, x0:x1], disc)
+    return mask
 
 
 def find_skin_line(grey: np.ndarray, *, step: int = 8) -> np.ndarray | None:
