@@ -416,11 +416,21 @@ DATASETS: dict[str, type[_PairedFolder]] = {
 
 
 def open_dataset(name: str, root: str | PathLike[str] | None = None) -> UsgraSeg | DlTrackApo:
-    """The loader of data set ``name`` (``"usgra-seg"`` or ``"dltrack-apo"``)."""
+    """The loader of data set ``name``: ``"usgra-seg"``, ``"dltrack-apo"``, or the path of a
+    folder exported by :meth:`usguide.annotation.AnnotationSet.export` (read by
+    :class:`usguide.annotation.AnnotationDataset`; ``root`` does not apply to it)."""
+    if name not in DATASETS:
+        from usguide.annotation.dataset import AnnotationDataset, is_annotation_dataset
+
+        if is_annotation_dataset(name):
+            return AnnotationDataset(name)  # type: ignore[return-value]
     try:
         cls = DATASETS[name]
     except KeyError:
-        raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}") from None
+        raise ValueError(
+            f"unknown data set {name!r}; known: {', '.join(DATASETS)}, or the path of an "
+            "exported annotation folder"
+        ) from None
     return cls(root)  # type: ignore[return-value]
 
 

@@ -88,14 +88,14 @@ def load_samples(config: TrainConfig, log: Log) -> tuple[list[Prepared], list[Pr
     """Both data sets, split by subject group with the config's seed, each image cropped to its
     imaging area as the run-time stage crops it, and resized to input size."""
     from usguide.data.augment import resize_pair
-    from usguide.data.datasets import DlTrackApo, UsgraSeg, split
+    from usguide.data.datasets import open_dataset, split
     from usguide.imaging_region import find_imaging_region
 
-    makers = {"usgra-seg": UsgraSeg, "dltrack-apo": DlTrackApo}
     train: list[Prepared] = []
     val: list[Prepared] = []
     for name in config.datasets:
-        dataset = makers[name](config.data_root)
+        # A published set's name, or the path of an exported annotation folder.
+        dataset = open_dataset(name, config.data_root)
         train_idx, val_idx = split(dataset, val_fraction=config.val_fraction, seed=config.seed)
         if config.max_samples is not None:
             train_idx, val_idx = train_idx[: config.max_samples], val_idx[: config.max_samples]

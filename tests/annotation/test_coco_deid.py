@@ -1,0 +1,63 @@
+"""COCO run-length encoding, and the de-identification helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from usguide.annotation.coco import labels_from_coco, rle_decode, rle_encode, to_coco
+from usguide.annotation.deid import check_text, dicom_identifiers, safe_label
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rle_round_trip(seed: int) -> None:
+    mask = np.random.default_rng(seed).random((7 + seed, 5)) > 0.5
+    mask[0, 0] = bool(seed % 2)  # starting on either value
+    rle = rle_encode(mask)
+    assert sum(rle["counts"]) == mask.size
+    np.testing.assert_array_equal(rle_decode(rle), mask)
+
+
+def test_rle_matches_coco_convention() -> None:
+    # Column-major runs starting with background: [[0, 1], [1, 1]] -> F order 0,1,1,1.
+    assert rle_encode(np.array([[0, 1], [1, 1]], bool))["counts"] == [1, 3]
+    assert rle_encode(np.array([[1, 1]], bool))["counts"] == [0, 2]
+
+
+def test_coco_file_round_trip_and_tip() -> None:
+    labels = np.zeros((20, 30), np.uint8)
+    labels[2:5, 3:9] = 1
+    labels[10:15, 20:25] = 4
+    coco = to_coco([("images/a.png", labels, (4.0, 5.5), {"frame_index": 3})])
+    np.testing.assert_array_equal(labels_from_coco(coco, 1), labels)
+    nerve = next(a for a in coco["annotations"] if a["category_id"] == 1)
+    assert nerve["bbox"] == [3.0, 2.0, 6.0, 3.0] and nerve["area"] == 18
+    assert coco["images"][0]["frame_index"] == 3
+    assert {c["name"] for c in coco["categories"]} >= {"nerve", "vessel", "needle_tip"}
+
+
+def test_identifiers_from_a_header() -> None:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.PatientName = "Lee^Ann"
+    ds.PatientID = "X12345"
+    ds.PatientBirthDate = "19800102"
+    ds.OtherPatientIDs = ["AB-777", "CD-888"]
+    ids = dicom_identifiers(ds)
+    for value in ("LEE^ANN", "LEE", "ANN", "LEE ANN", "X12345", "19800102", "1980-01-02", "CD-888"):
+        assert value in ids
+    assert ids["X12345"] == "PatientID"
+    # Whole tokens only: a short name part does not match inside words.
+    assert check_text("usguide annotations", ids) is None
+    assert check_text("ann_scan.dcm", ids) == "PatientName"
+    assert check_text("born 1980-01-02", ids) == "PatientBirthDate"
+
+
+def test_safe_label() -> None:
+    ids = {"DOE": "PatientName"}
+    assert safe_label("/data/Jane Doe/scan 01.dcm") == "scan-01"
+    assert safe_label("/data/x/doe_scan.dcm", ids).startswith("source-")
+    assert safe_label("/data/x/doe_scan.dcm", ids) == safe_label("/data/x/doe_scan.dcm", ids)
+    assert safe_label("device:0") == "device-0"
+    assert safe_label("").startswith("source-")

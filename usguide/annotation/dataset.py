@@ -1,0 +1,747 @@
+"""Annotated frames in memory, and their de-identified, atomic export as a dataset.
+
+An :class:`AnnotationSet` holds frames with their label maps (class indices of
+:mod:`usguide.labels`) and needle tips. Labels come from the model (:meth:`~AnnotationSet.
+pre_annotate`), from the annotator's edits (:meth:`~AnnotationSet.set_labels`) or from a
+neighbouring frame (:meth:`~AnnotationSet.propagate`); every such change can be undone.
+
+:meth:`AnnotationSet.export` writes a folder::
+
+    <out>/usguide-dataset.json   manifest: source label, frame index, timestamp, spacing, region,
+                                 tip, annotator, time; the classes each frame labels
+    <out>/images/<key>.png       the frame cropped to its imaging region (no burned-in text)
+    <out>/masks/<key>.png        palette PNG whose indices are the class indices
+    <out>/coco.json              COCO: masks as RLE, needle tips as key points
+    <out>/dicom/<key>_image.dcm  (optional) a new single-frame US image of the crop, and
+    <out>/dicom/<key>_seg.dcm    its DICOM SEG
+
+It is de-identified (no header is copied; source labels are file stems, pseudonymised when they
+hold an identifying value; every file is searched for the source's identifying values before it
+is published) and atomic (written to a hidden sibling folder, then swapped in by renames; until
+the swap the previous dataset is untouched). :meth:`AnnotationSet.load` re-opens it for more
+annotation, and :class:`AnnotationDataset` reads it for training (``usguide train`` takes the
+folder's path in its ``datasets`` list).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from usguide._version import __version__
+from usguide.annotation import deid
+from usguide.annotation.history import History, diff
+from usguide.annotation.propagate import FlowMethod, propagate_labels
+from usguide.frame import Frame, Region
+from usguide.labels import CLASS_COLOURS, CLASS_NAMES, N_CLASSES
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "AnnotatedFrame",
+    "AnnotationDataset",
+    "AnnotationSet",
+    "is_annotation_dataset",
+]
+
+MANIFEST = "usguide-dataset.json"
+FORMAT = "usguide-annotations"
+_VERSION = 1
+BBox = tuple[int, int, int, int]
+Point = tuple[float, float]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(eq=False)  # eq=False: == on arrays has no single truth value
+class AnnotatedFrame:
+    """One frame being annotated.
+
+    Attributes
+    ----------
+    image : numpy.ndarray
+        ``(H, W)`` uint8 grey or ``(H, W, 3)`` uint8 RGB, the whole frame as shown.
+    labels : numpy.ndarray
+        ``(H, W)`` uint8 class indices.
+    source : str
+        Safe label of the source (:func:`usguide.annotation.deid.safe_label`); never a path.
+    frame_index : int
+        Position in the source.
+    region : tuple of int
+        Imaging region ``(x0, y0, x1, y1)``, inclusive, in ``image`` pixels; exports keep only
+        this rectangle.
+    spacing_mm : tuple of float or None
+        mm per pixel ``(row, col)``; None when unknown.
+    timestamp_s : float or None
+        Time of the frame in its source.
+    tip_xy : tuple of float or None
+        Needle tip ``(x, y)`` in ``image`` pixels; None when no tip is marked.
+    annotator : str
+        Who annotated it.
+    annotated_at : str
+        ISO 8601 UTC time of the last change.
+    labelled : tuple of bool
+        Length ``N_CLASSES``: which classes the labels state (an unlabelled class is unknown,
+        not background, for training).
+    region_in_source : tuple of int or None
+        Where ``region`` lay in the original frame (kept through exports for traceability).
+    """
+
+    image: np.ndarray
+    labels: np.ndarray
+    source: str
+    frame_index: int
+    region: BBox
+    spacing_mm: tuple[float, float] | None = None
+    timestamp_s: float | None = None
+    tip_xy: Point | None = None
+    annotator: str = ""
+    annotated_at: str = field(default_factory=_now)
+    labelled: tuple[bool, ...] = (True,) * N_CLASSES
+    region_in_source: BBox | None = None
+
+    def __post_init__(self) -> None:
+        h, w = self.image.shape[:2]
+        if self.labels.shape != (h, w) or self.labels.dtype != np.uint8:
+            raise ValueError(f"labels must be uint8 ({h}, {w}), got {self.labels.dtype} "
+                             f"{self.labels.shape}")  # fmt: skip
+        if not Region(self.region).inside(h, w):
+            raise ValueError(f"region {self.region} lies outside the {w} x {h} frame")
+        if len(self.labelled) != N_CLASSES:
+            raise ValueError(f"labelled needs {N_CLASSES} entries")
+
+    @property
+    def key(self) -> str:
+        """``<source>_<frame index:05d>``: the file stem in an export."""
+        return f"{self.source}_{self.frame_index:05d}"
+
+    def as_frame(self) -> Frame:
+        """The frame as a :class:`~usguide.frame.Frame` (for the segmenter)."""
+        region = Region(self.region, self.spacing_mm, True, "user")
+        return Frame(
+            self.image, self.frame_index, self.timestamp_s, self.spacing_mm, region, self.source
+        )
+
+
+class AnnotationSet:
+    """Frames under annotation, with an undo history, exported as a dataset.
+
+    Parameters
+    ----------
+    annotator : str
+        Name written with each frame changed in this session (an annotator, not a patient).
+    labelled : sequence of int, optional
+        Classes the annotation states; default all. Frames record it for training.
+    history : History, optional
+        The undo stack (a default one otherwise).
+
+    Notes
+    -----
+    Undo covers label changes made through this class (:meth:`set_labels`,
+    :meth:`pre_annotate`, :meth:`propagate`), one step per call.
+    """
+
+    def __init__(
+        self,
+        annotator: str = "",
+        *,
+        labelled: Sequence[int] | None = None,
+        history: History | None = None,
+    ) -> None:
+        self.annotator = annotator
+        classes = range(N_CLASSES) if labelled is None else labelled
+        self.labelled = tuple(c in classes for c in range(N_CLASSES))
+        self.history = history if history is not None else History()
+        self.frames: dict[str, AnnotatedFrame] = {}
+        # In memory only: identifying header values of the sources, to check exports against.
+        self._identifiers: dict[str, str] = {}
+        self._labels_by_source: dict[str, str] = {}
+
+    # -- contents ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __iter__(self) -> Iterator[AnnotatedFrame]:
+        return iter(self.frames.values())
+
+    def __getitem__(self, key: str) -> AnnotatedFrame:
+        return self.frames[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.frames
+
+    def keys(self) -> list[str]:
+        return list(self.frames)
+
+    def add_identifiers(self, identifiers: Mapping[str, str]) -> None:
+        """Identifying values (from :func:`~usguide.annotation.deid.dicom_identifiers`) that
+        exports must never contain."""
+        self._identifiers.update(identifiers)
+
+    def source_label(self, source: str) -> str:
+        """The safe label of a source (a path ...), reading a DICOM file's identifiers once."""
+        if source in self._labels_by_source:
+            return self._labels_by_source[source]
+        from usguide.sources import is_dicom_file
+
+        if source and is_dicom_file(source):
+            self.add_identifiers(deid.dicom_identifiers(source))
+        label = deid.safe_label(source, self._identifiers)
+        taken = set(self._labels_by_source.values())
+        base, n = label, 2
+        while label in taken:  # two files of one name in different folders
+            label, n = f"{base}-{n}", n + 1
+        self._labels_by_source[source] = label
+        return label
+
+    def add_frame(
+        self, frame: Frame, labels: np.ndarray | None = None, *, tip_xy: Point | None = None
+    ) -> str:
+        """Add (or replace) a frame from a source; returns its key.
+
+        The imaging region and calibration come from the frame (the whole frame when its
+        region is invalid). A DICOM source's identifying values are read for the export check.
+        """
+        region = (
+            frame.region.bbox if frame.region.valid else Region.whole(*frame.pixels.shape[:2]).bbox
+        )
+        return self.add_image(
+            frame.pixels,
+            source=self.source_label(frame.source),
+            frame_index=frame.index,
+            region=region,
+            spacing_mm=frame.region_spacing_mm,
+            timestamp_s=frame.timestamp_s,
+            labels=labels,
+            tip_xy=tip_xy,
+        )
+
+    def add_image(
+        self,
+        image: np.ndarray,
+        *,
+        source: str,
+        frame_index: int,
+        region: BBox | None = None,
+        spacing_mm: tuple[float, float] | None = None,
+        timestamp_s: float | None = None,
+        labels: np.ndarray | None = None,
+        tip_xy: Point | None = None,
+    ) -> str:
+        """Add (or replace) a frame given as an array; ``source`` is made a safe label."""
+        h, w = image.shape[:2]
+        frame = AnnotatedFrame(
+            image=np.array(image, np.uint8, copy=True),
+            labels=np.zeros((h, w), np.uint8) if labels is None else np.array(labels, np.uint8),
+            source=deid.safe_label(source, self._identifiers),
+            frame_index=int(frame_index),
+            region=tuple(int(v) for v in region) if region is not None else (0, 0, w - 1, h - 1),  # type: ignore[arg-type]
+            spacing_mm=tuple(float(v) for v in spacing_mm) if spacing_mm else None,  # type: ignore[arg-type]
+            timestamp_s=timestamp_s,
+            tip_xy=(float(tip_xy[0]), float(tip_xy[1])) if tip_xy is not None else None,
+            annotator=self.annotator,
+            labelled=self.labelled,
+        )
+        self.frames[frame.key] = frame
+        return frame.key
+
+    # -- editing ----------------------------------------------------------------------------
+    def _touch(self, key: str) -> None:
+        f = self.frames[key]
+        f.annotated_at = _now()
+        if self.annotator:
+            f.annotator = self.annotator
+
+    def _commit(self, action: str, new: Mapping[str, np.ndarray]) -> list[str]:
+        """Write new label maps in place, as one undo step; the keys that changed."""
+        changes = []
+        for key, labels in new.items():
+            current = self.frames[key].labels
+            labels = np.asarray(labels)
+            if labels.shape != current.shape:
+                raise ValueError(f"{key}: labels {labels.shape}, frame {current.shape}")
+            change = diff(key, current, labels)
+            if change is not None:
+                current[...] = labels
+                self._touch(key)
+                changes.append(change)
+        self.history.record(action, changes)
+        return [c.key for c in changes]  # type: ignore[misc]
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {k: f.labels for k, f in self.frames.items()}
+
+    def set_labels(self, key: str, labels: np.ndarray, *, action: str = "edit") -> bool:
+        """Replace a frame's labels (copied in); True when anything changed."""
+        return bool(self._commit(action, {key: labels}))
+
+    def set_tip(self, key: str, tip_xy: Point | None) -> None:
+        """Mark (or clear, with None) the needle tip of a frame, in its pixels."""
+        self.frames[key].tip_xy = (
+            (float(tip_xy[0]), float(tip_xy[1])) if tip_xy is not None else None
+        )
+        self._touch(key)
+
+    def pre_annotate(
+        self, keys: Sequence[str], segment: Callable[[Frame], np.ndarray]
+    ) -> list[str]:
+        """Label frames with a model (one undo step); the keys that changed.
+
+        Parameters
+        ----------
+        keys : sequence of str
+            Frames to label.
+        segment : callable
+            Frame -> ``(H, W)`` uint8 labels, for example a :class:`usguide.segment.Segmenter`
+            (which labels the imaging region only).
+        """
+        new = {}
+        for key in keys:
+            labels = np.array(segment(self.frames[key].as_frame()), np.uint8)
+            new[key] = _inside_region(labels, self.frames[key].region)
+        return self._commit("pre-annotate", new)
+
+    def following(self, key: str, count: int) -> list[str]:
+        """Keys of the next ``count`` frames of the same source held here, in frame order."""
+        f = self.frames[key]
+        later = sorted(
+            (
+                g
+                for g in self.frames.values()
+                if g.source == f.source and g.frame_index > f.frame_index
+            ),
+            key=lambda g: g.frame_index,
+        )
+        return [g.key for g in later[:count]]
+
+    def propagate(
+        self, key: str, targets: Sequence[str] | int, *, method: FlowMethod = "dis"
+    ) -> list[str]:
+        """Carry a frame's labels to following frames by optical flow (one undo step).
+
+        Parameters
+        ----------
+        key : str
+            The labelled frame.
+        targets : sequence of str or int
+            The frames to label, in order (each is warped from the one before), or a count of
+            following frames of the same source (:meth:`following`).
+        method : {"dis", "farneback"}
+            Optical flow algorithm.
+
+        Returns
+        -------
+        list of str
+            Keys whose labels changed.
+        """
+        keys = self.following(key, targets) if isinstance(targets, int) else list(targets)
+        if not keys:
+            return []
+        frames = [self.frames[k] for k in (key, *keys)]
+        warped = propagate_labels(frames[0].labels, [f.image for f in frames], method=method)
+        new = {
+            f.key: _inside_region(lab, f.region) for f, lab in zip(frames[1:], warped, strict=True)
+        }
+        return self._commit(f"propagate to {len(keys)} frame(s)", new)
+
+    def undo(self) -> str | None:
+        """Undo the last label change; its description, or None."""
+        return self.history.undo(self._arrays())  # type: ignore[arg-type]
+
+    def redo(self) -> str | None:
+        """Redo the last undone change; its description, or None."""
+        return self.history.redo(self._arrays())  # type: ignore[arg-type]
+
+    # -- export / load ----------------------------------------------------------------------
+    def export(
+        self,
+        path: str | PathLike[str],
+        *,
+        coco: bool = True,
+        dicom_seg: bool = False,
+        keys: Sequence[str] | None = None,
+    ) -> Path:
+        """Write the dataset to ``path`` atomically (see the module notes).
+
+        Parameters
+        ----------
+        path : path
+            The dataset folder. An existing usguide dataset there is replaced only once the new
+            one is complete; any other non-empty folder is refused.
+        coco : bool
+            Write ``coco.json``.
+        dicom_seg : bool
+            Write a de-identified US image and DICOM SEG per frame (needs highdicom).
+        keys : sequence of str, optional
+            Frames to export; default all.
+
+        Returns
+        -------
+        pathlib.Path
+            The dataset folder.
+
+        Raises
+        ------
+        DeidentificationError
+            When a written file would hold a source's identifying value (nothing is published).
+        FileExistsError
+            When ``path`` is a non-empty folder that is not a usguide dataset.
+        """
+        out = Path(path)
+        _recover(out)
+        if out.exists() and not is_annotation_dataset(out) and any(out.iterdir()):
+            raise FileExistsError(f"{out}: not empty and not a usguide dataset; not replaced")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            written = self._write(tmp, coco=coco, dicom_seg=dicom_seg, keys=keys)
+            deid.check_files(written, self._identifiers)
+            _fsync_dir(tmp)
+            _swap_in(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+    def _write(
+        self, root: Path, *, coco: bool, dicom_seg: bool, keys: Sequence[str] | None
+    ) -> list[Path]:
+        from usguide.annotation.coco import to_coco
+
+        chosen = [self.frames[k] for k in (keys if keys is not None else self.frames)]
+        (root / "images").mkdir(parents=True)
+        (root / "masks").mkdir()
+        if dicom_seg:
+            (root / "dicom").mkdir()
+        written: list[Path] = []
+        entries: list[dict[str, Any]] = []
+        coco_images = []
+        studies: dict[str, str] = {}
+        for f in chosen:
+            image, labels, tip = _cropped(f)
+            image_rel, mask_rel = f"images/{f.key}.png", f"masks/{f.key}.png"
+            written.append(_write_bytes(root / image_rel, _png(image)))
+            written.append(_write_bytes(root / mask_rel, _palette_png(labels)))
+            dicom = None
+            if dicom_seg:
+                from pydicom.uid import generate_uid
+
+                from usguide.annotation.dicom_seg import write_dicom_seg
+
+                study = studies.setdefault(f.source, generate_uid())
+                image_dcm, seg_dcm = f"dicom/{f.key}_image.dcm", f"dicom/{f.key}_seg.dcm"
+                if write_dicom_seg(
+                    image, labels, root / image_dcm, root / seg_dcm,
+                    spacing_mm=f.spacing_mm, study_uid=study,
+                ):  # fmt: skip
+                    written += [root / image_dcm, root / seg_dcm]
+                    dicom = {"image": image_dcm, "seg": seg_dcm}
+            entry = {
+                "key": f.key,
+                "image": image_rel,
+                "mask": mask_rel,
+                "source": f.source,
+                "frame_index": f.frame_index,
+                "timestamp_s": f.timestamp_s,
+                "spacing_mm": list(f.spacing_mm) if f.spacing_mm else None,
+                "units": "mm" if f.spacing_mm else "px",
+                "region_in_source": list(_region_in_source(f)),
+                "tip_xy": list(tip) if tip is not None else None,
+                "annotator": f.annotator,
+                "annotated_at": f.annotated_at,
+                "labelled": [CLASS_NAMES[c] for c in range(N_CLASSES) if f.labelled[c]],
+                "dicom": dicom,
+            }
+            entries.append(entry)
+            extra = {
+                "source": f.source,
+                "frame_index": f.frame_index,
+                "spacing_mm": entry["spacing_mm"],
+            }
+            coco_images.append((image_rel, labels, tip, extra))
+        manifest = {
+            "format": FORMAT,
+            "version": _VERSION,
+            "software": f"usguide {__version__}",
+            "created": _now(),
+            "class_names": list(CLASS_NAMES),
+            "deidentified": True,
+            "cropped_to_imaging_region": True,
+            "coordinates": "pixels of the exported images; x right, y down, origin top-left",
+            "frames": entries,
+        }
+        if coco:
+            info = {"description": "usguide annotations", "version": str(_VERSION),
+                    "date_created": manifest["created"]}  # fmt: skip
+            written.append(_write_json(root / "coco.json", to_coco(coco_images, info=info)))
+        # The manifest last: a folder holding it is complete.
+        written.append(_write_json(root / MANIFEST, manifest))
+        return written
+
+    @classmethod
+    def load(cls, path: str | PathLike[str], annotator: str = "") -> AnnotationSet:
+        """Re-open an exported dataset for more annotation.
+
+        Frames come back cropped (their region is the whole image), with their labels, tips,
+        sources and annotators.
+        """
+        root = _readable(Path(path))
+        manifest = _read_manifest(root)
+        out = cls(annotator)
+        for e in manifest["frames"]:
+            image = _read_image(root / e["image"])
+            labels = _read_labels(root / e["mask"])
+            h, w = labels.shape
+            frame = AnnotatedFrame(
+                image=image,
+                labels=labels,
+                source=str(e["source"]),
+                frame_index=int(e["frame_index"]),
+                region=(0, 0, w - 1, h - 1),
+                spacing_mm=tuple(e["spacing_mm"]) if e.get("spacing_mm") else None,  # type: ignore[arg-type]
+                timestamp_s=e.get("timestamp_s"),
+                tip_xy=tuple(e["tip_xy"]) if e.get("tip_xy") else None,  # type: ignore[arg-type]
+                annotator=str(e.get("annotator", "")),
+                annotated_at=str(e.get("annotated_at", "")),
+                labelled=_labelled_flags(e),
+                region_in_source=tuple(e["region_in_source"])
+                if e.get("region_in_source")
+                else None,  # type: ignore[arg-type]
+            )
+            out.frames[frame.key] = frame
+            out._labels_by_source[frame.source] = frame.source
+        return out
+
+
+class AnnotationDataset:
+    """An exported annotation folder read as training samples (as ``usguide train`` reads the
+    published sets).
+
+    Parameters
+    ----------
+    path : path
+        The folder (holding ``usguide-dataset.json``).
+
+    Notes
+    -----
+    ``groups`` are the frames' sources: frames of one recording are near-duplicates, so a split
+    keeps each recording on one side. Images are returned grey, at their exported size (already
+    cropped to the imaging region).
+    """
+
+    def __init__(self, path: str | PathLike[str]) -> None:
+        from usguide.errors import EmptySourceError
+
+        self.root = _readable(Path(path))
+        manifest = _read_manifest(self.root)
+        entries = manifest["frames"]
+        if not entries:
+            raise EmptySourceError(self.root, "the dataset holds no frame")
+        self.dataset = Path(path).name
+        self.stems: tuple[str, ...] = tuple(e["key"] for e in entries)
+        self.image_paths = tuple(self.root / e["image"] for e in entries)
+        self.mask_paths = tuple(self.root / e["mask"] for e in entries)
+        self.names = tuple(f"{self.dataset}/{s}" for s in self.stems)
+        self.groups = tuple(f"{self.dataset}/{e['source']}" for e in entries)
+        self.labelled_per_sample = tuple(_labelled_flags(e) for e in entries)
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def __getitem__(self, i: int) -> Any:
+        from usguide.data.datasets import InvalidMaskError, Sample, _read_grey
+
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"{self.dataset}: index {i} out of range for {len(self)} samples")
+        i %= len(self)
+        image = _read_grey(self.image_paths[i])
+        mask = _read_labels(self.mask_paths[i])
+        if mask.shape != image.shape:
+            raise InvalidMaskError(self.mask_paths[i], "mask and image differ in size")
+        return Sample(
+            image, mask, self.labelled_per_sample[i], self.names[i], self.dataset, self.groups[i]
+        )
+
+    def __iter__(self) -> Iterator[Any]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return f"AnnotationDataset({str(self.root)!r}, {len(self)} samples)"
+
+
+def is_annotation_dataset(path: str | PathLike[str]) -> bool:
+    """True when ``path`` is a folder exported by :meth:`AnnotationSet.export`."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _inside_region(labels: np.ndarray, region: BBox) -> np.ndarray:
+    """A copy of ``labels`` with everything outside ``region`` set to background."""
+    out = np.zeros_like(labels)
+    rows, cols = Region(region).slices
+    out[rows, cols] = labels[rows, cols]
+    return out
+
+
+def _cropped(f: AnnotatedFrame) -> tuple[np.ndarray, np.ndarray, Point | None]:
+    """Image, labels and tip cut to the imaging region (tip None when it lies outside)."""
+    rows, cols = Region(f.region).slices
+    image = np.ascontiguousarray(f.image[rows, cols])
+    labels = np.ascontiguousarray(f.labels[rows, cols])
+    tip = None
+    if f.tip_xy is not None:
+        x, y = f.tip_xy[0] - f.region[0], f.tip_xy[1] - f.region[1]
+        h, w = labels.shape
+        if math.isfinite(x) and math.isfinite(y) and -0.5 <= x < w - 0.5 and -0.5 <= y < h - 0.5:
+            tip = (float(x), float(y))
+    return image, labels, tip
+
+
+def _region_in_source(f: AnnotatedFrame) -> BBox:
+    if f.region_in_source is None:
+        return f.region
+    # A re-opened frame: its region is a crop of the original crop.
+    x0, y0 = f.region_in_source[0], f.region_in_source[1]
+    return (x0 + f.region[0], y0 + f.region[1], x0 + f.region[2], y0 + f.region[3])
+
+
+def _labelled_flags(entry: Mapping[str, Any]) -> tuple[bool, ...]:
+    names = entry.get("labelled")
+    if names is None:
+        return (True,) * N_CLASSES
+    return tuple(name in names for name in CLASS_NAMES)
+
+
+def _png(image: np.ndarray) -> bytes:
+    pixels = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+    ok, data = cv2.imencode(".png", pixels)
+    if not ok:
+        raise OSError("PNG encoding failed")
+    return data.tobytes()
+
+
+def _palette_png(labels: np.ndarray) -> bytes:
+    """Labels as a palette PNG: the indices are the classes, the colours usguide's."""
+    from PIL import Image
+
+    if labels.max(initial=0) >= N_CLASSES:
+        raise ValueError(f"labels hold values >= {N_CLASSES}")
+    im = Image.fromarray(labels, mode="P")
+    palette = [v for colour in CLASS_COLOURS for v in colour]
+    im.putpalette(palette + [0] * (768 - len(palette)))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    """Write and flush to disk, so the later rename publishes whole files."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def _write_json(path: Path, obj: Any) -> Path:
+    return _write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _backup(out: Path) -> Path:
+    return out.parent / f".{out.name}.previous"
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Publish ``tmp`` as ``out``: the old one steps aside, the new one takes its name, the old
+    one goes. A crash between the two renames leaves the old one complete beside it
+    (:func:`_recover` and :func:`_readable` find it)."""
+    backup = _backup(out)
+    if out.exists():
+        os.replace(out, backup)
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _recover(out: Path) -> None:
+    """Finish what a crash interrupted: bring back the previous dataset if it stands aside."""
+    backup = _backup(out)
+    if backup.exists():
+        if out.exists():
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(backup, out)
+
+
+def _readable(root: Path) -> Path:
+    """The dataset folder to read: ``root``, or its previous version left by a crash mid-swap."""
+    if not (root / MANIFEST).exists() and (_backup(root) / MANIFEST).exists():
+        return _backup(root)
+    return root
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    from usguide.errors import CorruptSourceError, SourceNotFoundError
+
+    path = root / MANIFEST
+    if not path.exists():
+        raise SourceNotFoundError(root, f"no {MANIFEST}: not a usguide annotation dataset")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CorruptSourceError(path, f"unreadable manifest ({e})") from e
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("frames"), list):
+        raise CorruptSourceError(path, f"not a {FORMAT} manifest")
+    return manifest
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from usguide.errors import CorruptSourceError
+
+    pixels = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise CorruptSourceError(path, "cannot be decoded as an image")
+    if pixels.ndim == 3:
+        return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+    return pixels
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    from usguide.data.datasets import InvalidMaskError, _read_indices
+
+    labels = _read_indices(path)
+    if labels.max(initial=0) >= N_CLASSES:
+        raise InvalidMaskError(path, f"class indices >= {N_CLASSES}")
+    return labels

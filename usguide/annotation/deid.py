@@ -1,0 +1,219 @@
+"""De-identification: which header values identify a patient, safe names, and a final check.
+
+An export never copies a DICOM header: images are written as PNG (or a new DICOM built from
+nothing but the cropped pixels), and the only names that travel are *source labels*. This module
+collects the identifying values of a source (:func:`dicom_identifiers`) so that
+
+- a source label that contains one (a file called after the patient) is replaced by a stable
+  pseudonym (:func:`safe_label`), and
+- every file of a finished export is searched for them before it is published
+  (:func:`check_files`); a hit stops the export.
+
+Burned-in text is handled elsewhere: exports are cropped to the imaging region.
+Errors and messages name the header *field* that matched, never its value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from usguide.errors import UsguideError
+
+__all__ = [
+    "IDENTIFYING_KEYWORDS",
+    "DeidentificationError",
+    "check_files",
+    "check_text",
+    "dicom_identifiers",
+    "safe_label",
+]
+
+# Attributes of DICOM PS3.15 Annex E (basic profile) that a B-mode export could leak through a
+# file name or a copied header: the patient, the people and the place of the examination.
+IDENTIFYING_KEYWORDS: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientBirthName",
+    "PatientMotherBirthName",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "MedicalRecordLocator",
+    "IssuerOfPatientID",
+    "AccessionNumber",
+    "StudyID",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingPhysician",
+    "StationName",
+    "DeviceSerialNumber",
+    "PatientComments",
+    "AdditionalPatientHistory",
+)
+# Shorter values ("M", "GE", "01") would match innocent text everywhere; they identify nobody.
+_MIN_LENGTH = 3
+_TEXT_SUFFIXES = frozenset({".json", ".csv", ".txt", ".jsonl"})
+_DICOM_SUFFIXES = frozenset({".dcm"})
+_PNG_SUFFIXES = frozenset({".png"})
+
+
+class DeidentificationError(UsguideError):
+    """A file about to be published holds a value of the source's identifying header fields."""
+
+
+def dicom_identifiers(source: str | os.PathLike[str] | Any) -> dict[str, str]:
+    """The identifying values of a DICOM file's header, by search string.
+
+    Parameters
+    ----------
+    source : path or pydicom.Dataset
+        The file (read without its pixel data) or a dataset already read.
+
+    Returns
+    -------
+    dict of str to str
+        Search string (upper case) -> the keyword it came from. A person name gives its whole
+        value and each component of three characters or more; a date also gives its ISO form
+        (``YYYY-MM-DD``). Empty when the file is not DICOM or holds none.
+
+    Notes
+    -----
+    Callers keep the result in memory only; it must never be written or printed.
+    """
+    import pydicom
+    from pydicom.multival import MultiValue
+
+    if isinstance(source, str | os.PathLike):
+        try:
+            ds = pydicom.dcmread(source, stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, OSError):
+            return {}
+    else:
+        ds = source
+    found: dict[str, str] = {}
+    for keyword in IDENTIFYING_KEYWORDS:
+        value = ds.get(keyword)
+        if value is None:
+            continue
+        values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+        for item in values:
+            for text in _forms(str(item)):
+                found.setdefault(text.upper(), keyword)
+    return found
+
+
+def _forms(value: str) -> list[str]:
+    """A value and the pieces of it that identify on their own (name parts, ISO dates)."""
+    value = value.strip()
+    forms = [value]
+    if "^" in value or "=" in value:
+        parts = [p.strip() for p in re.split(r"[\^=]", value)]
+        forms += parts
+        forms.append(" ".join(p for p in parts if p))
+    if re.fullmatch(r"\d{8}", value):
+        forms.append(f"{value[:4]}-{value[4:6]}-{value[6:]}")
+    return [f for f in forms if len(f) >= _MIN_LENGTH]
+
+
+def check_text(text: str, identifiers: Mapping[str, str]) -> str | None:
+    """The keyword of the first identifying value found in ``text``, or None.
+
+    Matching ignores case and wants the value as a whole token (not inside a longer word or
+    number), so a name part "Ann" does not match "annotation" but does match "ann_scan".
+    """
+    upper = text.upper()
+    for value, keyword in identifiers.items():
+        if value in upper and re.search(rf"(?<![A-Z0-9]){re.escape(value)}(?![A-Z0-9])", upper):
+            return keyword
+    return None
+
+
+def safe_label(name: str, identifiers: Mapping[str, str] | None = None) -> str:
+    """A short label for a source that is safe to write: no path, no identifier.
+
+    Parameters
+    ----------
+    name : str
+        The source as usguide names it (a path, ``device:0`` ...).
+    identifiers : mapping, optional
+        Identifying values of that source (:func:`dicom_identifiers`).
+
+    Returns
+    -------
+    str
+        The file's stem reduced to ``[A-Za-z0-9_-]`` (folders never travel: they often carry a
+        patient's name); ``source-<10 hex>``, a pseudonym stable for ``name``, when the stem
+        holds an identifying value or nothing is left of it.
+    """
+    stem = Path(str(name).replace("\\", "/")).stem if name else ""
+    label = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-")[:64]
+    if not label or (identifiers and check_text(stem, identifiers)):
+        digest = hashlib.sha256(str(name).encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        return f"source-{digest}"
+    return label
+
+
+def check_files(paths: Iterable[str | os.PathLike[str]], identifiers: Mapping[str, str]) -> None:
+    """Search files about to be published for identifying values; raise on the first found.
+
+    Text files (JSON, CSV) are searched whole; DICOM files element by element (every string
+    value, in every sequence); PNG files in their text chunks (pixels carry no text bytes; burned
+    -in text is removed by cropping). Other files are not searched.
+
+    Raises
+    ------
+    DeidentificationError
+        Naming the file and the header field, never the value.
+    """
+    if not identifiers:
+        return
+    for path in map(Path, paths):
+        suffix = path.suffix.lower()
+        keyword = None
+        if suffix in _TEXT_SUFFIXES:
+            keyword = check_text(path.read_text(encoding="utf-8", errors="replace"), identifiers)
+        elif suffix in _DICOM_SUFFIXES:
+            keyword = _check_dicom(path, identifiers)
+        elif suffix in _PNG_SUFFIXES:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                keyword = check_text(json.dumps(im.info, default=str), identifiers)
+        if keyword is not None:
+            raise DeidentificationError(
+                path, f"holds a value of the source's {keyword}; export stopped"
+            )
+
+
+def _check_dicom(path: Path, identifiers: Mapping[str, str]) -> str | None:
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    texts: list[str] = []
+
+    def visit(dataset: Any) -> None:
+        for element in dataset:
+            if element.VR == "SQ":
+                for item in element.value:
+                    visit(item)
+            elif element.VR not in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+                texts.append(str(element.value))
+
+    visit(ds.file_meta)
+    visit(ds)
+    return check_text("\n".join(texts), identifiers)
