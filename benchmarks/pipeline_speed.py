@@ -3,13 +3,14 @@
 Usage::
 
     python benchmarks/pipeline_speed.py [--cine PATH] [--frames 1200] [--live-frames 600]
-                                        [--memory-frames 100000] [--threads 2]
+                                        [--memory-frames 100000]
 
 On a 640 x 480 cine (default: the bundled SonoSite cine, repeated) it measures, in one run:
 
 1. **playback**: every frame through source decode -> preprocess -> segment -> needle ->
-   guidance -> overlay, frames per second, with no sink, and with the JSON-lines log and the mp4
-   overlay video (the sinks a recorded review writes);
+   guidance -> overlay, frames per second, for each inference engine installed, 1 and 2
+   inference threads, pipelined (segmenting ahead on a second thread) and serial, with no sink;
+   then the default with the JSON-lines log and the mp4 overlay video (what a review writes);
 2. **live**: the cine delivered in real time at 30 fps on a capture thread, newest frame wins;
    latency from a frame's capture to the end of its sinks (median, p95, p99) and drops;
 3. **memory**: resident set size before and after ``--memory-frames`` frames through the
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from usguide.frame import Frame
 from usguide.pipeline import STAGES, Pipeline, run_live, run_playback
+from usguide.segment import available_engines
 from usguide.sinks import JsonLinesLog, VideoSink
 from usguide.sources import open_source
 
@@ -65,7 +67,6 @@ def main() -> None:
     parser.add_argument("--live-frames", type=int, default=600)
     parser.add_argument("--live-fps", type=float, default=30.0)
     parser.add_argument("--memory-frames", type=int, default=20_000)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
     with open_source(args.cine) as source:
@@ -76,43 +77,60 @@ def main() -> None:
         f"cine {args.cine.name}: {len(cached)} frames of {cols} x {rows}, repeated\n"
     )
 
-    pipeline = Pipeline(threads=args.threads)
-    for frame in cached[:10]:  # warm-up: sessions, buffers
-        pipeline.process(frame)
+    def fresh(pipeline: Pipeline) -> Pipeline:
+        pipeline.reset()
+        pipeline.timings = type(pipeline.timings)()
+        return pipeline
 
+    pipelines = {}
+    for engine in available_engines():
+        for threads in (1, 2):
+            pipelines[engine, threads] = Pipeline(engine=engine, threads=threads)
+            for frame in cached[:10]:  # warm-up: sessions, buffers
+                pipelines[engine, threads].process(frame)
+    default = pipelines[available_engines()[0], 1]
+
+    # Every configuration on the same frames, one after the other, in one run.
     table = []
     with tempfile.TemporaryDirectory() as tmp:
+        for (engine, threads), pipeline in pipelines.items():
+            for pipelined in (True, False):
+                summary = run_playback(
+                    fresh(pipeline), repeated(args.cine, args.frames), [], pipelined=pipelined
+                )
+                how = "pipelined" if pipelined else "serial"
+                table.append((f"{engine}, {threads} thread(s), {how}, no sink", summary))
         for name, make_sinks in (
-            ("playback, no sink", list),
-            ("playback + log", lambda: [JsonLinesLog(Path(tmp) / "log.jsonl")]),
+            ("default, + log", lambda: [JsonLinesLog(Path(tmp) / "log.jsonl")]),
             (
-                "playback + log + mp4",
+                "default, + log + mp4",
                 lambda: [JsonLinesLog(Path(tmp) / "log.jsonl"), VideoSink(Path(tmp) / "o.mp4")],
             ),
         ):
-            pipeline.reset()
-            pipeline.timings = type(pipeline.timings)()
-            summary = run_playback(pipeline, repeated(args.cine, args.frames), make_sinks())
+            summary = run_playback(fresh(default), repeated(args.cine, args.frames), make_sinks())
             table.append((name, summary))
 
-    print("| run | frames | fps | per frame ms | x target (60 fps) |")
-    print("|---|---:|---:|---:|---:|")
+    baseline = next(
+        (s for n, s in table if n == "onnxruntime, 2 thread(s), serial, no sink"), table[0][1]
+    )
+    print("playback (every frame, decode included); default = the first row's configuration\n")
+    print("| run | frames | fps | per frame ms | x target (60 fps) | x onnxruntime serial |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, s in table:
         print(
             f"| {name} | {s.frames_processed} | {s.fps:.1f} | {1e3 / s.fps:.2f} | "
-            f"{s.fps / 60.0:.2f} |"
+            f"{s.fps / 60.0:.2f} | {s.fps / baseline.fps:.2f} |"
         )
     stages = table[0][1].timings
-    print("\nper stage, playback with no sink (ms):\n")
+    print(f"\nper stage, {table[0][0]} (ms; the two threads overlap):\n")
     print("| stage | median | p95 | p99 |")
     print("|---|---:|---:|---:|")
     for stage in STAGES:
         t = stages[stage]
         print(f"| {stage} | {t['median_ms']:.2f} | {t['p95_ms']:.2f} | {t['p99_ms']:.2f} |")
 
-    # Live: real-time delivery, newest frame wins.
-    pipeline.reset()
-    pipeline.timings = type(pipeline.timings)()
+    # Live: real-time delivery, newest frame wins; two inference threads (as `usguide run --live`).
+    pipeline = fresh(pipelines[available_engines()[0], 2])
     live = run_live(
         pipeline,
         itertools.islice(itertools.cycle(cached), args.live_frames),
@@ -120,7 +138,8 @@ def main() -> None:
         pace_s=1.0 / args.live_fps,
     )
     lat = live.timings["latency"]
-    print(f"\nlive at {args.live_fps:g} fps, capture to end of sinks (ms):\n")
+    engine = available_engines()[0]
+    print(f"\nlive at {args.live_fps:g} fps, {engine}, capture to end of sinks (ms):\n")
     print("| frames delivered | processed | dropped | median | p95 | p99 | max | target p99 |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(
@@ -130,7 +149,7 @@ def main() -> None:
     )
 
     # Memory over a long run.
-    pipeline.reset()
+    pipeline = fresh(default)
     start_rss = rss_mib()
     marks = []
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -13,7 +13,7 @@ import pytest
 
 from usguide.demo import DEMO_SPACING_MM, DemoScan
 from usguide.errors import CorruptSourceError
-from usguide.frame import Frame, Region
+from usguide.frame import Frame, FrameResult, Region
 from usguide.pipeline import STAGES, Pipeline, run_live, run_playback
 from usguide.sinks import JsonLinesLog, VideoSink
 
@@ -167,3 +167,49 @@ def test_live_mode_takes_the_newest_frame_and_counts_drops(pipeline: Pipeline) -
     processed_in_order = []
     run_live(pipeline, frames[:5], [], pace_s=0.2, on_frame=lambda r: processed_in_order.append(r))
     assert [r.frame.index for r in processed_in_order] == [0, 1, 2, 3, 4]
+
+
+def _record(result_log: list[tuple[object, ...]]) -> Callable[[FrameResult], None]:
+    def keep(r: FrameResult) -> None:
+        needle = r.needle.tip_xy if r.needle is not None else None
+        targets = [t.xy for t in r.guidance.targets] if r.guidance is not None else None
+        assert r.labels is not None and r.overlay is not None
+        result_log.append((r.frame.index, r.labels.copy(), needle, targets, r.overlay.sum()))
+
+    return keep
+
+
+def test_pipelined_playback_gives_the_serial_results() -> None:
+    """Segmenting ahead on a second thread changes neither the results nor their order, also
+    across a change of frame size (the trackers restart on the right frame)."""
+    demo = DemoScan()
+    frames = frames_of(demo, range(70, 100))
+    small = Frame(
+        cv2.resize(frames[10].pixels, (320, 256)), 80, 4.0, None, Region.whole(256, 320), "t"
+    )
+    frames[10:11] = [small]
+    runs = []
+    for pipelined in (False, True):
+        seen: list[tuple[object, ...]] = []
+        summary = run_playback(Pipeline(), frames, [], on_frame=_record(seen), pipelined=pipelined)
+        assert summary.frames_processed == len(frames) and summary.ended == "end of source"
+        runs.append(seen)
+    serial, ahead = runs
+    assert [s[0] for s in ahead] == [f.index for f in frames]
+    for a, b in zip(serial, ahead, strict=True):
+        assert np.array_equal(a[1], b[1])
+        assert a[2:] == b[2:]
+
+
+def test_pipelined_playback_stops_early_and_reports_worker_errors() -> None:
+    frames = frames_of(DemoScan(), range(20))
+    pipeline = Pipeline()
+    summary = run_playback(pipeline, frames, [], max_frames=5)
+    assert summary.frames_processed == 5 and summary.ended == "stopped after 5 frames"
+
+    def broken() -> Iterator[Frame]:
+        yield from frames[:2]
+        raise RuntimeError("grabber unplugged")
+
+    with pytest.raises(RuntimeError, match="grabber unplugged"):
+        run_playback(pipeline, broken(), [])

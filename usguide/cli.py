@@ -648,7 +648,9 @@ def run(
             targets.append((xy[0], xy[1]))
         spec: Any = int(input_path) if input_path.isdigit() else input_path
         source = open_source(spec, **source_options(spacing, region, detect))
-        pipeline = Pipeline(model, engine=engine, guidance=settings, targets=targets)
+        pipeline = Pipeline(
+            model, engine=engine, threads=2 if live else 1, guidance=settings, targets=targets
+        )
         if not source.spacing_mm:
             err.print("[yellow]calibration unknown:[/] distances are in px")
         run_pipeline(
