@@ -13,8 +13,9 @@ On a 640 x 480 cine (default: the bundled SonoSite cine, repeated) it measures, 
    then the default with the JSON-lines log and the mp4 overlay video (what a review writes);
 2. **live**: the cine delivered in real time at 30 fps on a capture thread, newest frame wins;
    latency from a frame's capture to the end of its sinks (median, p95, p99) and drops;
-3. **memory**: resident set size before and after ``--memory-frames`` frames through the
-   pipeline (decoded frames cycled from memory, so decode is not what is measured).
+3. **memory**: resident set size before, during and after ``--memory-frames`` frames through
+   the default runner with the log sink (decoded frames cycled from memory, so decode is not
+   what is measured).
 
 Per-stage medians and p99 are printed for the playback run.
 """
@@ -148,16 +149,26 @@ def main() -> None:
         f"{lat['max_ms']:.2f} | 25 |"
     )
 
-    # Memory over a long run.
+    # Memory over a long run: the default runner (pipelined playback) with the log sink.
     pipeline = fresh(default)
     start_rss = rss_mib()
     marks = []
+    step = max(1, args.memory_frames // 10)
+    done = 0
+
+    def mark(result: object) -> None:
+        nonlocal done
+        done += 1
+        if done % step == 0:
+            marks.append((done, rss_mib()))
+
     t0 = time.perf_counter()
-    step = max(1, args.memory_frames // 5)
-    for i, frame in enumerate(itertools.islice(itertools.cycle(cached), args.memory_frames)):
-        pipeline.process(frame)
-        if (i + 1) % step == 0:
-            marks.append((i + 1, rss_mib()))
+    run_playback(
+        pipeline,
+        itertools.islice(itertools.cycle(cached), args.memory_frames),
+        [JsonLinesLog(os.devnull)],
+        on_frame=mark,
+    )
     wall = time.perf_counter() - t0
     print(f"\nmemory over {args.memory_frames} frames ({wall:.0f} s):\n")
     print("| frames | RSS MiB |")
