@@ -157,3 +157,48 @@ def test_session_summary_appends_rows_atomically(tmp_path: Path, monkeypatch) ->
         summary.append(uncal.result())
     assert {p.name: p.read_bytes() for p in tmp_path.glob("s.*")} == before
     assert not list(tmp_path.glob(".s.*"))
+
+
+def test_score_recording_feeds_every_frame() -> None:
+    from usguide.approach_score import score_recording
+    from usguide.frame import Frame, Region
+
+    labels = scene()
+    tips = [None] * FIRST_TIP_FRAME + PATH
+    frames = [
+        Frame(np.zeros((200, 300), np.uint8), i, i * DT, (0.1, 0.1), Region.whole(200, 300), "x")
+        for i in range(len(tips))
+    ]
+    seen: list[int] = []
+    s = score_recording(
+        frames,
+        TARGET,
+        target_frame=0,
+        analyse=lambda f: (tips[f.index], labels, (0.1, 0.1)),
+        progress=seen.append,
+    )
+    assert seen == list(range(len(tips)))
+    assert s.redirections == 1 and s.frames_to_target == 10 and s.units == "mm"
+
+
+def test_score_recording_with_the_pipeline_on_the_demo() -> None:
+    from usguide.approach_score import score_recording
+    from usguide.demo import DemoScan, DemoScript
+
+    scan = DemoScan(script=DemoScript(needle_from=3, arrive=30, inject_from=40, frames=36))
+    target = scan.tip_truth(30)  # the demo's needle stops 1.5 mm beside the nerve
+    s = score_recording(scan, target, target_frame=0)
+    assert s.units == "mm" and s.target_before_needle
+    assert 3 <= s.needle_first_frame <= 8
+    assert s.reached_target and s.final_tip_to_target < 1.0
+    assert not s.entered_nerve and 0.8 < s.closest_nerve < 2.2
+    assert s.redirections == 0
+
+
+def test_score_lines_carry_units() -> None:
+    scorer = ApproachScorer(TARGET, target_frame=9)
+    run(scorer, None)
+    text = "\n".join(scorer.result().lines())
+    assert "time to target: 0.5 s (10 frames)" in text
+    assert "final tip to target: 2.0 px" in text and "redirections: 1" in text
+    assert "after the needle appeared" in text and "distances in px" in text

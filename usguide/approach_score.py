@@ -33,6 +33,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,10 +41,20 @@ from typing import Any, Literal
 
 import numpy as np
 
+from usguide.frame import Frame
 from usguide.guidance import _distance, _signed_edge_distance
 from usguide.labels import NERVE, VESSEL
 
-__all__ = ["ApproachScore", "ApproachScorer", "ScoreConfig", "SessionSummary"]
+__all__ = [
+    "CSV_COLUMNS",
+    "ApproachScore",
+    "ApproachScorer",
+    "FrameAnalysis",
+    "ScoreConfig",
+    "SessionSummary",
+    "pipeline_analyser",
+    "score_recording",
+]
 
 Point = tuple[float, float]
 SpacingMM = tuple[float, float]
@@ -139,6 +150,35 @@ class ApproachScore:
         d = asdict(self)
         d["target_xy"] = list(self.target_xy)
         return d
+
+    def lines(self) -> list[str]:
+        """The score as short lines of text for display, every distance with its unit."""
+        u = self.units
+
+        def dist(value: float | None, absent: str) -> str:
+            if value is None:
+                return absent
+            return f"{abs(value):.1f} {u} inside" if value < 0 else f"{value:.1f} {u}"
+
+        if self.reached_target:
+            when = f"{self.frames_to_target} frames"
+            if self.time_to_target_s is not None:
+                when = f"{self.time_to_target_s:.1f} s ({when})"
+            reached = f"time to target: {when}"
+        else:
+            reached = "target not reached"
+        out = [
+            reached,
+            f"final tip to target: {dist(self.final_tip_to_target, 'tip never seen')}",
+            f"closest to the nerve: {dist(self.closest_nerve, 'no nerve labelled')}",
+            f"closest to a vessel: {dist(self.closest_vessel, 'no vessel labelled')}",
+            f"redirections: {self.redirections}",
+        ]
+        if self.target_before_needle is False:
+            out.append("the target was placed after the needle appeared")
+        if self.note:
+            out.append(self.note)
+        return out
 
 
 @dataclass(slots=True)
@@ -331,6 +371,75 @@ def _redirection_step(track: _Track, depth: float, withdraw: float, readvance: f
         if depth >= track.trough + readvance:
             track.redirections += 1
             track.withdrawn, track.peak = False, depth
+
+
+# -- a whole recording -----------------------------------------------------------------------
+
+# What the scorer needs of one frame: the tip (frame pixels) or None, the labels, the spacing.
+FrameAnalysis = tuple[Point | None, np.ndarray | None, SpacingMM | None]
+
+
+def pipeline_analyser(
+    model: str | os.PathLike[str] | None = None, **options: Any
+) -> Callable[[Frame], FrameAnalysis]:
+    """Segmentation and needle tracking of :class:`usguide.pipeline.Pipeline`, per frame.
+
+    Guidance runs in manual mode (no suggested targets: the trainee's is the one that counts)
+    and no overlay is drawn. ``options`` go to the pipeline (``threads``, ``engine`` ...).
+    """
+    from usguide.guidance import GuidanceConfig
+    from usguide.pipeline import Pipeline
+
+    pipeline = Pipeline(model, guidance=GuidanceConfig(mode="manual"), overlay=False, **options)
+
+    def analyse(frame: Frame) -> FrameAnalysis:
+        result = pipeline.process(frame)
+        needle = result.needle
+        tip = needle.tip_xy if needle is not None and needle.visible else None
+        return tip, result.labels, result.frame.region_spacing_mm
+
+    return analyse
+
+
+def score_recording(
+    frames: Iterable[Frame],
+    target_xy: Point,
+    *,
+    target_frame: int | None = None,
+    analyse: Callable[[Frame], FrameAnalysis] | None = None,
+    config: ScoreConfig | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ApproachScore:
+    """Play a recorded approach and score it against the trainee's target.
+
+    Parameters
+    ----------
+    frames : iterable of Frame
+        The recording, in order (a source from :func:`usguide.sources.open_source`).
+    target_xy : (float, float)
+        The trainee's target, frame pixels.
+    target_frame : int, optional
+        The frame at which the target was placed (checked against the needle's appearance).
+    analyse : callable, optional
+        Frame -> (tip, labels, spacing); default :func:`pipeline_analyser` with the shipped
+        model.
+    config : ScoreConfig, optional
+        Thresholds.
+    progress : callable, optional
+        Called with each frame's index after it is scored.
+
+    Returns
+    -------
+    ApproachScore
+    """
+    analyse = analyse or pipeline_analyser()
+    scorer = ApproachScorer(target_xy, config=config, target_frame=target_frame)
+    for frame in frames:
+        tip, labels, spacing = analyse(frame)
+        scorer.update(frame.index, frame.timestamp_s, tip, labels, spacing)
+        if progress is not None:
+            progress(frame.index)
+    return scorer.result()
 
 
 # -- session summary --------------------------------------------------------------------------

@@ -1,0 +1,370 @@
+"""Annotation: pre-annotate frames with the model, edit them with napari's label tools, mark
+needle tips, propagate labels to the next frames, undo, and export a de-identified dataset.
+
+The widget is thin: frames, labels, undo, propagation and the export live in
+:class:`usguide.annotation.AnnotationSet`. napari's labels layer is what the annotator paints
+on; the widget copies a frame from the layer into the set before each operation (so a brush
+edit becomes an undoable step) and copies the set's labels back after it. Model runs,
+propagation and the export happen in napari ``thread_worker``s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+    from usguide.annotation import AnnotationSet
+    from usguide.frame import Frame
+
+LABELS_LAYER = "usguide annotation labels"
+TIPS_LAYER = "usguide needle tips"
+DATASET_LAYER = "usguide dataset images"
+
+
+def _class_colormap() -> Any:
+    from napari_usguide._guidance_widget import class_colormap
+
+    return class_colormap()
+
+
+class AnnotationWidget(QWidget):
+    """Annotate the frames of a scan and export them as a dataset.
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+        Injected by napari.
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.aset: AnnotationSet | None = None
+        self.scan_layer: Any = None
+        self.labels_layer: Any = None
+        self.tips_layer: Any = None
+        self._source: Any = None  # usguide source of the scan, when it has one
+        self._keys: dict[int, str] = {}  # layer frame -> key in the set
+        self._worker: Any = None
+        self._segment: Callable[[Frame], np.ndarray] | None = None
+        self.model: str | None = None  # None: the shipped model
+
+        self.annotator_edit = QLineEdit()
+        self.count_spin = QSpinBox()
+        self.count_spin.setRange(1, 100)
+        self.count_spin.setValue(5)
+        self.folder_edit = QLineEdit()
+        self.folder_edit.setPlaceholderText("dataset folder")
+        self.dicom_check = QCheckBox("DICOM SEG too")
+        self.start_button = QPushButton("Annotate the selected scan")
+        self.start_button.clicked.connect(lambda: self.start())
+        self.pre_button = QPushButton("Pre-annotate frame")
+        self.pre_button.clicked.connect(self.pre_annotate)
+        self.propagate_button = QPushButton("Propagate to next")
+        self.propagate_button.clicked.connect(self.propagate)
+        self.undo_button = QPushButton("Undo")
+        self.undo_button.clicked.connect(self.undo)
+        self.export_button = QPushButton("Export dataset")
+        self.export_button.clicked.connect(lambda: self.export())
+        self.open_button = QPushButton("Open dataset")
+        self.open_button.clicked.connect(lambda: self.open_dataset())
+        self.status = QLabel("Select a scan layer, then press Annotate.")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("annotator", self.annotator_edit)
+        form.addRow("frames", self.count_spin)
+        form.addRow("dataset", self.folder_edit)
+        edit_row = QHBoxLayout()
+        for b in (self.pre_button, self.propagate_button, self.undo_button):
+            edit_row.addWidget(b)
+        file_row = QHBoxLayout()
+        for b in (self.export_button, self.open_button):
+            file_row.addWidget(b)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.start_button)
+        layout.addLayout(edit_row)
+        layout.addWidget(self.dicom_check)
+        layout.addLayout(file_row)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+        self._set_enabled()
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self._worker is not None
+
+    def _set_enabled(self) -> None:
+        ready = self.aset is not None and not self.busy
+        for b in (self.pre_button, self.propagate_button, self.undo_button, self.export_button):
+            b.setEnabled(ready)
+        self.start_button.setEnabled(not self.busy)
+        self.open_button.setEnabled(not self.busy)
+
+    def _stacked(self) -> bool:
+        """Whether the scan layer is a stack of frames (its first axis is time)."""
+        return self.scan_layer is not None and self.scan_layer.ndim == 3
+
+    def _frame_count(self) -> int:
+        return int(self.scan_layer.data.shape[0]) if self._stacked() else 1
+
+    def current_frame(self) -> int:
+        return int(self.viewer.dims.current_step[0]) if self._stacked() else 0
+
+    # -- starting ------------------------------------------------------------------------------
+    def start(self, layer: Any = None) -> None:
+        """Annotate ``layer`` (default: the selected image layer)."""
+        from napari.layers import Image
+
+        from usguide.annotation import AnnotationSet
+
+        layer = layer or self.viewer.layers.selection.active
+        if not isinstance(layer, Image):
+            images = [x for x in self.viewer.layers if isinstance(x, Image)]
+            layer = images[-1] if images else None
+        if layer is None:
+            self.status.setText("No image layer to annotate.")
+            return
+        self._close_source()
+        meta = layer.metadata.get("usguide") or {}
+        if meta.get("source"):
+            from napari_usguide._engine import open_scan
+
+            self._source = open_scan(meta["source"])
+        self.aset = AnnotationSet(self.annotator_edit.text())
+        self._attach(layer)
+        self.status.setText(f"Annotating {layer.name}.")
+
+    def _attach(self, layer: Any) -> None:
+        """Labels and tips layers over ``layer``, at its scale (so their data are pixels)."""
+        self.scan_layer = layer
+        self._keys = {}
+        shape = layer.data.shape[: layer.ndim]  # an RGB layer's ndim leaves out the channels
+        for name in (LABELS_LAYER, TIPS_LAYER):
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+        self.labels_layer = self.viewer.add_labels(
+            np.zeros(tuple(shape), np.uint8),
+            name=LABELS_LAYER,
+            scale=layer.scale[: len(shape)],
+            colormap=_class_colormap(),
+            opacity=0.5,
+        )
+        self.tips_layer = self.viewer.add_points(
+            np.zeros((0, len(shape))),
+            ndim=len(shape),
+            name=TIPS_LAYER,
+            scale=layer.scale[: len(shape)],
+            face_color="#28ff78",
+            size=6,
+        )
+        self._set_enabled()
+
+    def _close_source(self) -> None:
+        if self._source is not None:
+            self._source.close()
+            self._source = None
+
+    def _read_frame(self, t: int) -> Frame:
+        """Frame ``t`` with its region, calibration and source (for de-identification)."""
+        from usguide.frame import Frame, Region
+
+        if self._source is not None:
+            return self._source.read(t)
+        data = self.scan_layer.data[t] if self._stacked() else self.scan_layer.data
+        pixels = np.ascontiguousarray(np.asarray(data), dtype=np.uint8)
+        h, w = pixels.shape[:2]
+        return Frame(pixels, t, None, None, Region.whole(h, w), self.scan_layer.name)
+
+    def _ensure(self, t: int) -> str:
+        assert self.aset is not None
+        if t not in self._keys:
+            self._keys[t] = self.aset.add_frame(self._read_frame(t))
+        return self._keys[t]
+
+    # -- layer <-> set -------------------------------------------------------------------------
+    def _layer_labels(self, t: int) -> np.ndarray:
+        data = self.labels_layer.data
+        return np.asarray(data[t] if self._stacked() else data)
+
+    def _tip(self, t: int) -> tuple[float, float] | None:
+        points = np.asarray(self.tips_layer.data)
+        if self._stacked():
+            points = points[np.round(points[:, 0]).astype(int) == t] if len(points) else points
+        if not len(points):
+            return None
+        y, x = points[-1][-2:]
+        return float(x), float(y)
+
+    def _sync(self, t: int) -> str:
+        """Copy frame ``t``'s labels and tip from the layers into the set."""
+        assert self.aset is not None
+        key = self._ensure(t)
+        self.aset.set_labels(key, self._layer_labels(t), action="edit")
+        self.aset.set_tip(key, self._tip(t))
+        return key
+
+    def _show(self) -> None:
+        """Copy the set's labels back into the labels layer."""
+        assert self.aset is not None
+        data = self.labels_layer.data
+        for t, key in self._keys.items():
+            if self._stacked():
+                data[t] = self.aset[key].labels
+            else:
+                data[...] = self.aset[key].labels
+        self.labels_layer.refresh()
+
+    def _run(self, fn: Callable[[], Any], done: Callable[[Any], None], what: str) -> None:
+        from napari.qt.threading import thread_worker
+
+        self.status.setText(what + " …")
+        worker = thread_worker(fn, start_thread=False)()
+        worker.returned.connect(done)
+        worker.errored.connect(lambda e: self.status.setText(f"error: {e}"))
+        worker.finished.connect(self._finished)
+        self._worker = worker
+        self._set_enabled()
+        worker.start()
+
+    def _finished(self) -> None:
+        self._worker = None
+        self._set_enabled()
+
+    # -- actions -------------------------------------------------------------------------------
+    def segmenter(self) -> Callable[[Frame], np.ndarray]:
+        """The model (loaded once, on first use, inside a worker)."""
+        if self._segment is None:
+            from usguide.segment import Segmenter
+
+            self._segment = Segmenter(self.model)
+        return self._segment
+
+    def pre_annotate(self) -> None:
+        """Label the current frame with the model (undoable)."""
+        if self.aset is None or self.busy:
+            return
+        aset, t = self.aset, self.current_frame()
+        key = self._sync(t)
+
+        def work() -> list[str]:
+            return aset.pre_annotate([key], self.segmenter())
+
+        def done(changed: list[str]) -> None:
+            self._show()
+            self.status.setText(f"Frame {t} pre-annotated; edit it with the label tools.")
+
+        self._run(work, done, f"Pre-annotating frame {t}")
+
+    def propagate(self) -> None:
+        """Carry the current frame's labels to the next N frames by optical flow (undoable)."""
+        if self.aset is None or self.busy:
+            return
+        aset, t = self.aset, self.current_frame()
+        key = self._sync(t)
+        last = min(self._frame_count() - 1, t + self.count_spin.value())
+        targets = [self._ensure(k) for k in range(t + 1, last + 1)]
+
+        def work() -> list[str]:
+            return aset.propagate(key, targets)
+
+        def done(changed: list[str]) -> None:
+            self._show()
+            self.status.setText(f"Labels propagated to frames {t + 1}-{last}; check each.")
+
+        if targets:
+            self._run(work, done, "Propagating")
+        else:
+            self.status.setText("No following frame.")
+
+    def undo(self) -> None:
+        """Undo the last change (a paint edit made since the last action counts as one)."""
+        if self.aset is None or self.busy:
+            return
+        self._sync(self.current_frame())
+        what = self.aset.undo()
+        self._show()
+        self.status.setText(f"Undone: {what}." if what else "Nothing to undo.")
+
+    def _sync_all(self) -> None:
+        """Every frame with labels or a tip (or already in the set) into the set."""
+        data = self.labels_layer.data
+        if self._stacked():
+            painted = set(np.flatnonzero(np.asarray(data).reshape(len(data), -1).any(axis=1)))
+            tips = np.asarray(self.tips_layer.data)
+            painted |= {int(np.rint(v)) for v in tips[:, 0]} if len(tips) else set()
+        else:
+            painted = {0}
+        for t in sorted(painted | set(self._keys)):
+            self._sync(int(t))
+
+    def export(self, folder: str | None = None) -> None:
+        """Export the annotated frames to ``folder`` (default: the dataset field)."""
+        if self.aset is None or self.busy:
+            return
+        path = folder or self.folder_edit.text().strip()
+        if not path:
+            self.status.setText("Choose a dataset folder first.")
+            return
+        self.folder_edit.setText(path)
+        self._sync_all()
+        aset, dicom = self.aset, self.dicom_check.isChecked()
+
+        def work() -> Path:
+            return aset.export(path, dicom_seg=dicom)
+
+        def done(out: Path) -> None:
+            self.status.setText(f"Exported {len(aset)} frame(s) to {out}.")
+
+        self._run(work, done, "Exporting")
+
+    def open_dataset(self, folder: str | None = None) -> None:
+        """Re-open an exported dataset for more annotation (frames of one size)."""
+        from usguide.annotation import AnnotationSet
+
+        path = folder or self.folder_edit.text().strip()
+        if not path or self.busy:
+            return
+        aset = AnnotationSet.load(path, annotator=self.annotator_edit.text())
+        frames = list(aset)
+        if not frames or len({f.image.shape for f in frames}) != 1:
+            self.status.setText("Only datasets whose frames share one size open here.")
+            return
+        self._close_source()
+        self.folder_edit.setText(path)
+        if DATASET_LAYER in self.viewer.layers:
+            self.viewer.layers.remove(DATASET_LAYER)
+        spacing = frames[0].spacing_mm or (1.0, 1.0)
+        layer = self.viewer.add_image(
+            np.stack([f.image for f in frames]),
+            name=DATASET_LAYER,
+            scale=(1.0, *spacing),
+            rgb=frames[0].image.ndim == 3,
+        )
+        self.aset = aset
+        self._attach(layer)
+        self._keys = {t: f.key for t, f in enumerate(frames)}
+        tips = [(t, f.tip_xy[1], f.tip_xy[0]) for t, f in enumerate(frames) if f.tip_xy]
+        if tips:
+            self.tips_layer.data = np.array(tips, float)
+        self._show()
+        self.status.setText(f"Opened {len(frames)} frame(s) from {path}.")

@@ -1,0 +1,105 @@
+"""The annotation widget: pre-annotate, paint, propagate, undo and export from the viewer; the
+exported dataset re-opens with the labels as edited, and carries no patient identifier."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari_usguide._annotation_widget import LABELS_LAYER, TIPS_LAYER, AnnotationWidget
+from napari_usguide._reader import read_scan
+
+from usguide.annotation import AnnotationSet
+from usguide.labels import NERVE, VESSEL
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from tests.annotation.conftest import REGION, SECRETS, write_identified_dicom
+
+WAIT_MS = 60_000
+
+
+def _scan(viewer: Any, tmp_path: Path) -> Any:
+    """A DICOM with identifiers and burned-in text, opened with the plugin's reader."""
+    folder = tmp_path / "Doelittle Janeway"
+    folder.mkdir()
+    path = write_identified_dicom(folder / "DOELITTLE_scan.dcm", frames=4)
+    data, kwargs, _ = read_scan(str(path))[0]
+    return viewer.add_image(data, **kwargs)
+
+
+def _fake_model(frame: Any) -> np.ndarray:
+    """Nerve over the imaging region's top-left quarter (the real model is slow to load)."""
+    labels = np.zeros(frame.pixels.shape[:2], np.uint8)
+    x0, y0, x1, y1 = frame.region.bbox
+    labels[y0 : (y0 + y1) // 2, x0 : (x0 + x1) // 2] = NERVE
+    return labels
+
+
+def test_annotate_propagate_undo_export_and_reopen(
+    make_napari_viewer: Any, qtbot: Any, tmp_path: Path
+) -> None:
+    viewer = make_napari_viewer()
+    scan = _scan(viewer, tmp_path)
+    widget = AnnotationWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Annotation")
+    widget.annotator_edit.setText("R. Searcher")
+    widget._segment = _fake_model
+    widget.start(scan)
+    labels_layer = viewer.layers[LABELS_LAYER]
+    assert labels_layer.data.shape == (4, 150, 184)
+    assert tuple(labels_layer.scale) == tuple(scan.scale)
+
+    viewer.dims.set_current_step(0, 0)
+    widget.pre_annotate()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    x0, y0, x1, y1 = REGION
+    assert (labels_layer.data[0][y0 + 1, x0 + 1]) == NERVE
+    assert labels_layer.data[0][0, 0] == 0  # outside the imaging region
+
+    # The annotator paints a vessel and marks the tip, then propagates to the next 2 frames.
+    labels_layer.data[0][y0 + 60 : y0 + 80, x0 + 100 : x0 + 120] = VESSEL
+    viewer.layers[TIPS_LAYER].add([0, y0 + 30.0, x0 + 40.0])
+    widget.count_spin.setValue(2)
+    widget.propagate()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    # Frames of this scan are different speckle: labels land somewhere, never blended.
+    assert set(np.unique(labels_layer.data[1])) <= {0, NERVE, VESSEL}
+    assert labels_layer.data[1].any() and labels_layer.data[2].any()
+    assert not labels_layer.data[3].any()
+
+    widget.undo()  # the propagation
+    assert not labels_layer.data[1].any() and not labels_layer.data[2].any()
+    assert (labels_layer.data[0] == VESSEL).any()
+
+    edited = np.asarray(labels_layer.data[0]).copy()
+    out = tmp_path / "dataset"
+    widget.export(str(out))
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    assert "Exported" in widget.status.text()
+    again = AnnotationSet.load(out)
+    assert len(again) == 3  # frames 0-2 were touched
+    first = sorted(again, key=lambda f: f.frame_index)[0]
+    np.testing.assert_array_equal(first.labels, edited[y0 : y1 + 1, x0 : x1 + 1])
+    assert first.tip_xy == (40.0, 30.0) and first.annotator == "R. Searcher"
+    for path in out.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes().lower()
+            assert not any(s.lower().encode() in data for s in SECRETS), path.name
+
+    # Re-open the export in a fresh widget, edit, and export again over it.
+    widget2 = AnnotationWidget(viewer)
+    widget2.open_dataset(str(out))
+    layer2 = viewer.layers[LABELS_LAYER]
+    np.testing.assert_array_equal(layer2.data[0], first.labels)
+    layer2.data[0][:5, :5] = VESSEL
+    widget2.export(str(out))
+    qtbot.waitUntil(lambda: not widget2.busy, timeout=WAIT_MS)
+    reopened = sorted(AnnotationSet.load(out), key=lambda f: f.frame_index)[0]
+    assert (reopened.labels[:5, :5] == VESSEL).all() and reopened.tip_xy == (40.0, 30.0)
