@@ -103,3 +103,28 @@ def test_annotate_propagate_undo_export_and_reopen(
     qtbot.waitUntil(lambda: not widget2.busy, timeout=WAIT_MS)
     reopened = sorted(AnnotationSet.load(out), key=lambda f: f.frame_index)[0]
     assert (reopened.labels[:5, :5] == VESSEL).all() and reopened.tip_xy == (40.0, 30.0)
+
+
+def test_real_model_pre_annotates_a_plain_image_layer(
+    make_napari_viewer: Any, qtbot: Any, tmp_path: Path
+) -> None:
+    import cv2
+
+    from usguide.demo import DEMO_IMAGE
+
+    image = cv2.imread(str(DEMO_IMAGE), cv2.IMREAD_GRAYSCALE)
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(np.stack([image, image]), name="my scan")  # no usguide metadata
+    widget = AnnotationWidget(viewer)
+    widget.start()
+    assert widget.scan_layer is layer
+    widget.pre_annotate()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    labels = viewer.layers[LABELS_LAYER].data
+    assert (labels[0] == NERVE).sum() > 500  # the shipped model finds the demo's nerve
+    assert not labels[1].any()
+    widget.undo()
+    assert not labels[0].any()
+    widget.export(str(tmp_path / "ds"))
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    assert [f.key for f in AnnotationSet.load(tmp_path / "ds")] == ["my-scan_00000"]

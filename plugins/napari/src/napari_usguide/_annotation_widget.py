@@ -190,10 +190,14 @@ class AnnotationWidget(QWidget):
 
         if self._source is not None:
             return self._source.read(t)
-        data = self.scan_layer.data[t] if self._stacked() else self.scan_layer.data
+        layer = self.scan_layer
+        data = layer.data[t] if self._stacked() else layer.data
         pixels = np.ascontiguousarray(np.asarray(data), dtype=np.uint8)
         h, w = pixels.shape[:2]
-        return Frame(pixels, t, None, None, Region.whole(h, w), self.scan_layer.name)
+        # The file the layer came from, when napari knows it: a DICOM's identifiers are then
+        # read and kept out of the export (its name is reduced to a safe label either way).
+        path = getattr(getattr(layer, "source", None), "path", None)
+        return Frame(pixels, t, None, None, Region.whole(h, w), str(path or layer.name))
 
     def _ensure(self, t: int) -> str:
         assert self.aset is not None
@@ -218,6 +222,7 @@ class AnnotationWidget(QWidget):
     def _sync(self, t: int) -> str:
         """Copy frame ``t``'s labels and tip from the layers into the set."""
         assert self.aset is not None
+        self.aset.annotator = self.annotator_edit.text()
         key = self._ensure(t)
         self.aset.set_labels(key, self._layer_labels(t), action="edit")
         self.aset.set_tip(key, self._tip(t))
