@@ -42,7 +42,7 @@ from typing import Any, Literal
 import numpy as np
 
 from usguide.frame import Frame
-from usguide.guidance import _distance, _signed_edge_distance
+from usguide.guidance import scaled_distance, signed_edge_distance
 from usguide.labels import NERVE, VESSEL
 
 __all__ = [
@@ -292,15 +292,15 @@ class ApproachScorer:
             tracks.append((self._mm, scale, c.withdraw_mm, c.readvance_mm))
         entry = self.entry_xy if self.entry_xy is not None else tip
         for track, scale, withdraw, readvance in tracks:
-            track.final = _distance(self.target_xy, tip, scale)
+            track.final = scaled_distance(self.target_xy, tip, scale)
             if labels is not None:
-                d_nerve = _signed_edge_distance(labels, NERVE, tip, scale)
-                d_vessel = _signed_edge_distance(labels, VESSEL, tip, scale)
+                d_nerve = signed_edge_distance(labels, NERVE, tip, scale)
+                d_vessel = signed_edge_distance(labels, VESSEL, tip, scale)
                 track.closest_nerve = _min(track.closest_nerve, d_nerve)
                 track.closest_vessel = _min(track.closest_vessel, d_vessel)
                 self._entered_nerve |= d_nerve is not None and d_nerve < 0
                 self._entered_vessel |= d_vessel is not None and d_vessel < 0
-            _redirection_step(track, _distance(entry, tip, scale), withdraw, readvance)
+            _redirection_step(track, scaled_distance(entry, tip, scale), withdraw, readvance)
         # On target in the frame's own units: mm when calibrated, px otherwise.
         on_target = (
             self._mm.final <= c.on_target_mm  # type: ignore[operator]

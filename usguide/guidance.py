@@ -331,7 +331,7 @@ class Guidance:
         # Active target: the one nearest the tip; kept while the tip is not seen.
         if tip is not None and self._targets:
             self._active = min(
-                self._targets, key=lambda k: _distance(self._targets[k].xy, tip, scale)
+                self._targets, key=lambda k: scaled_distance(self._targets[k].xy, tip, scale)
             )
         elif self._active not in self._targets:
             self._active = next(iter(self._targets), None)
@@ -342,11 +342,11 @@ class Guidance:
         crosses_vessel = crosses_nerve = None
         if tip is not None:
             if target is not None:
-                tip_to_target = _distance(target.xy, tip, scale)
+                tip_to_target = scaled_distance(target.xy, tip, scale)
             if region_labels is not None:
                 local = (tip[0] - x0, tip[1] - y0)
-                tip_to_nerve = _signed_edge_distance(region_labels, NERVE, local, scale)
-                tip_to_vessel = _signed_edge_distance(region_labels, VESSEL, local, scale)
+                tip_to_nerve = signed_edge_distance(region_labels, NERVE, local, scale)
+                tip_to_vessel = signed_edge_distance(region_labels, VESSEL, local, scale)
                 if tip_to_nerve is not None and tip_to_nerve < 0:
                     warnings.append(
                         GuidanceWarning("intraneural", "tip inside the nerve: intraneural risk")
@@ -637,11 +637,12 @@ def _grey(pixels: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY) if pixels.ndim == 3 else pixels
 
 
-def _distance(a: Point, b: Point, scale: tuple[float, float]) -> float:
+def scaled_distance(a: Point, b: Point, scale: tuple[float, float]) -> float:
+    """Distance between two points in pixels, in the units of ``scale`` ((x, y) per pixel)."""
     return math.hypot((a[0] - b[0]) * scale[0], (a[1] - b[1]) * scale[1])
 
 
-def _signed_edge_distance(
+def signed_edge_distance(
     labels: np.ndarray, cls: int, xy: Point, scale: tuple[float, float]
 ) -> float | None:
     """Distance from ``xy`` (region pixels) to the nearest outline of class ``cls``, in the
@@ -828,7 +829,7 @@ def plan_perineural_targets(
         if not np.isfinite(score[i]):
             break
         p = (float(points[i, 0] * f + f // 2), float(points[i, 1] * f + f // 2))
-        if all(_distance(p, q, (col_mm, row_mm)) >= 3.0 for q in chosen):
+        if all(scaled_distance(p, q, (col_mm, row_mm)) >= 3.0 for q in chosen):
             chosen.append(p)
         if len(chosen) == count:
             break
