@@ -1,0 +1,340 @@
+"""The guidance widget's engine: a recorded scan, the pipeline, and the newest result.
+
+No Qt and no napari here: the widget runs :meth:`GuidanceEngine.play` in a napari
+``thread_worker`` and reads :meth:`GuidanceEngine.newest` on the GUI thread. Everything the GUI
+reads is a copy made in the worker (the pipeline reuses its overlay buffer for the next frame),
+so the two threads never share a buffer that is being written.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from usguide.guidance import GuidanceResult
+    from usguide.needle import NeedleState
+    from usguide.pipeline import Pipeline
+    from usguide.sources.base import SeekableSource
+
+DEMO = "demo"  # the source spec that opens usguide.demo.DemoScan
+MODES = ("perineural", "mesotherapy", "manual")
+
+
+@dataclass(slots=True)
+class Published:
+    """One processed frame, owned by whoever reads it (copies of the pipeline's buffers).
+
+    Attributes
+    ----------
+    seq : int
+        Increases by one for every frame the engine processes; gaps in what the GUI shows are
+        frames it skipped.
+    index : int
+        The frame's index in the source.
+    pixels : ndarray
+        ``(H, W)`` or ``(H, W, 3)`` uint8, the frame.
+    overlay : ndarray or None
+        ``(H, W, 3)`` uint8 RGB, the pipeline's blended overlay.
+    labels : ndarray or None
+        ``(H, W)`` uint8 class indices.
+    needle, guidance
+        The stages' results (immutable), or None where a stage failed.
+    stage_ms : dict of str to float
+    errors : dict of str to str
+    read_at : float
+        ``time.perf_counter()`` when the frame's reading began: latency is measured from here.
+    done_at : float
+        When the pipeline finished with it.
+    """
+
+    seq: int
+    index: int
+    pixels: np.ndarray
+    overlay: np.ndarray | None
+    labels: np.ndarray | None
+    needle: NeedleState | None
+    guidance: GuidanceResult | None
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    read_at: float = 0.0
+    done_at: float = 0.0
+
+    @property
+    def lines(self) -> list[str]:
+        """Distances and state as text (the overlay's lines)."""
+        from usguide.pipeline import describe
+
+        if self.guidance is None:
+            return ["needle: tip not visible"] if self.needle and not self.needle.visible else []
+        return describe(self.guidance, self.needle)
+
+    @property
+    def warnings(self) -> list[str]:
+        if self.guidance is None:
+            return []
+        return [w.message for w in self.guidance.warnings]
+
+
+def open_scan(spec: str | os.PathLike[str]) -> SeekableSource:
+    """The demo scan for ``"demo"`` (or an empty spec), else a recorded file or image folder."""
+    from usguide.sources import is_device, open_source
+    from usguide.sources.base import SeekableSource
+
+    text = str(spec).strip()
+    if text in ("", DEMO):
+        from usguide.demo import DemoScan
+
+        return DemoScan()
+    if is_device(text):
+        raise ValueError(f"{text}: live devices are not played in napari yet (use usguide run)")
+    source = open_source(text)
+    if not isinstance(source, SeekableSource):  # pragma: no cover - every file source seeks
+        source.close()
+        raise ValueError(f"{text}: not a recorded scan")
+    return source
+
+
+class GuidanceEngine:
+    """A recorded scan and the pipeline that runs on it, frame by frame.
+
+    Parameters
+    ----------
+    source : SeekableSource
+        The scan; the engine closes it in :meth:`close`.
+    pipeline : Pipeline
+    segment_ahead : bool
+        Segment the next frame on the reader thread while this one finishes (needs a machine
+        with cores to spare).
+    """
+
+    def __init__(
+        self, source: SeekableSource, pipeline: Pipeline, *, segment_ahead: bool = False
+    ) -> None:
+        self.source = source
+        self.pipeline = pipeline
+        self.next_index = 0
+        # Held while a frame is processed and while targets are edited: the GUI edits targets
+        # only when paused, so it waits at most one frame's processing.
+        self.lock = threading.RLock()
+        self.source_skipped = 0  # frames real-time playback left out to keep time
+        self.process_ms: collections.deque[float] = collections.deque(maxlen=60)  # stages, ms
+        self._seq = 0
+        self._newest: Published | None = None
+        self._newest_lock = threading.Lock()
+        # One frame read (and segmented, see _split) ahead on its own thread: decoding, or
+        # rendering the demo, overlaps the pipeline. Never two at once: direct work waits for
+        # the pending one.
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="usguide-read")
+        self._pending: tuple[int, Future[tuple[float, Any]]] | None = None
+        # segment_ahead: where the pipeline splits into segment / finish, segment the next
+        # frame on the reader thread while this one finishes. Off by default: on 2 cores, with
+        # napari drawing in software on the GUI thread, it measured slower (23 vs 25 fps on
+        # the SonoSite cine); reading ahead alone is kept.
+        self._split = (
+            segment_ahead
+            and callable(getattr(pipeline, "segment", None))
+            and callable(getattr(pipeline, "finish", None))
+        )
+
+    @classmethod
+    def open(
+        cls,
+        spec: str | os.PathLike[str],
+        *,
+        model: str | os.PathLike[str] | None = None,
+        mode: str = "perineural",
+        threads: int | None = None,
+    ) -> GuidanceEngine:
+        """Open a scan (``"demo"`` for the demo scan) and build the pipeline for it.
+
+        ``threads`` are the inference threads (None: the pipeline's default); the GUI and the
+        canvas need CPU too, so fewer can mean faster playback on a small machine."""
+        from usguide.guidance import GuidanceConfig
+        from usguide.pipeline import Pipeline
+
+        source = open_scan(spec)
+        try:
+            frame_time = source.frame_time_s or GuidanceConfig.frame_time_s
+            config = GuidanceConfig(mode=mode, frame_time_s=frame_time)  # type: ignore[arg-type]
+            options = {} if threads is None else {"threads": threads}
+            pipeline = Pipeline(model or None, guidance=config, **options)
+        except BaseException:
+            source.close()
+            raise
+        return cls(source, pipeline)
+
+    # -- what it plays -------------------------------------------------------------------------
+    @property
+    def frame_count(self) -> int:
+        return self.source.frame_count
+
+    @property
+    def frame_time_s(self) -> float | None:
+        return self.source.frame_time_s
+
+    @property
+    def spacing_mm(self) -> tuple[float, float] | None:
+        return self.source.spacing_mm
+
+    @property
+    def at_end(self) -> bool:
+        return self.next_index >= self.frame_count
+
+    # -- frames --------------------------------------------------------------------------------
+    def _first_half(self, index: int) -> tuple[float, Any]:
+        """Read frame ``index`` and, where the pipeline splits (``Pipeline.segment`` /
+        ``finish``), segment it too: the part that can run ahead, in frame order."""
+        read_at = time.perf_counter()
+        frame = self.source.read(index)
+        if self._split:
+            return read_at, self.pipeline.segment(frame, keep_labels=True)
+        return read_at, frame
+
+    def _discard_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[1].cancel()
+            # Let work in progress finish before anything else reads or segments; an unwanted
+            # frame's error is of no use.
+            with contextlib.suppress(Exception):
+                pending[1].result()
+
+    def _take(self, index: int) -> tuple[float, Any]:
+        """The first half of frame ``index`` (prefetched when it was the one expected), and the
+        next frame's first half started on the reader thread."""
+        pending = self._pending
+        if pending is not None and pending[0] == index:
+            self._pending = None
+            first = pending[1].result()
+        else:
+            self._discard_pending()
+            first = self._first_half(index)
+        if index + 1 < self.frame_count:
+            self._pending = (index + 1, self._reader.submit(self._first_half, index + 1))
+        return first
+
+    def process(self, index: int) -> Published:
+        """Read frame ``index``, run the pipeline on it and publish the result."""
+        read_at, first = self._take(index)
+        with self.lock:
+            split = self._split
+            result = self.pipeline.finish(*first) if split else self.pipeline.process(first)
+            overlay = None if result.overlay is None else result.overlay.copy()
+            labels = None if result.labels is None else result.labels.copy()
+            self._seq += 1
+            published = Published(
+                seq=self._seq,
+                index=index,
+                pixels=result.frame.pixels,
+                overlay=overlay,
+                labels=labels,
+                needle=result.needle,
+                guidance=result.guidance,
+                stage_ms=dict(result.stage_ms),
+                errors=dict(result.errors),
+                read_at=read_at,
+                done_at=time.perf_counter(),
+            )
+            self.next_index = index + 1
+        # The stages' own time: the wall time from read_at also holds the read-ahead's wait.
+        self.process_ms.append(sum(published.stage_ms.values()))
+        with self._newest_lock:
+            self._newest = published
+        return published
+
+    def newest(self) -> Published | None:
+        """The most recent result; the GUI shows this one and counts the ones it never saw."""
+        with self._newest_lock:
+            return self._newest
+
+    def step(self) -> Published | None:
+        """Process the next frame; None at the end of the scan."""
+        if self.at_end:
+            return None
+        return self.process(self.next_index)
+
+    def seek(self, index: int) -> Published:
+        """Jump to frame ``index``: the trackers restart (user targets stay) and it is processed."""
+        index = min(max(0, index), self.frame_count - 1)
+        self._discard_pending()  # its segmentation belongs to the old sequence
+        with self.lock:
+            self.pipeline.reset()
+        return self.process(index)
+
+    def play(
+        self, *, realtime: bool = True, should_stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[Published]:
+        """Process frames from :attr:`next_index` on, yielding each result, until the end.
+
+        Parameters
+        ----------
+        realtime : bool
+            Keep the scan's own time: wait for a frame's time, and leave out frames the
+            pipeline is too slow for (counted in :attr:`source_skipped`). False processes every
+            frame as fast as the pipeline goes.
+        should_stop : callable
+            Polled between frames and while waiting.
+        """
+        frame_time = self.frame_time_s or 0.05
+        start, first = time.perf_counter(), self.next_index
+        index = first
+        while index < self.frame_count and not should_stop():
+            if realtime:
+                due = first + int((time.perf_counter() - start) / frame_time)
+                if due > index:
+                    self.source_skipped += min(due, self.frame_count) - index
+                    index = due
+                    if index >= self.frame_count:
+                        self.next_index = self.frame_count
+                        break
+            published = self.process(index)
+            index += 1
+            if realtime:
+                wake = start + (index - first) * frame_time
+                while not should_stop() and (delay := wake - time.perf_counter()) > 0:
+                    time.sleep(min(delay, 0.01))
+            yield published
+
+    # -- targets (frame pixels, x y) -----------------------------------------------------------
+    def add_target(self, xy: tuple[float, float]) -> int:
+        with self.lock:
+            return self.pipeline.guidance.add_target(xy)
+
+    def move_target(self, target_id: int, xy: tuple[float, float]) -> int:
+        """Move a target; one the pipeline has dropped meanwhile is added again (new id)."""
+        with self.lock:
+            try:
+                self.pipeline.guidance.move_target(target_id, xy)
+            except KeyError:
+                return self.pipeline.guidance.add_target(xy)
+            return target_id
+
+    def delete_target(self, target_id: int) -> None:
+        with self.lock, contextlib.suppress(KeyError):  # already gone (re-planned away)
+            self.pipeline.guidance.delete_target(target_id)
+
+    def targets(self) -> tuple[Any, ...]:
+        with self.lock:
+            return self.pipeline.guidance.targets
+
+    def restart(self) -> None:
+        """Back to the first frame with fresh trackers (user targets stay)."""
+        self._discard_pending()
+        with self.lock:
+            self.pipeline.reset()
+            self.next_index = 0
+
+    def close(self) -> None:
+        self._discard_pending()
+        self._reader.shutdown(wait=True)
+        self.source.close()

@@ -1,0 +1,25 @@
+"""Plugin test setup: napari's settings go to a temporary file, never the user's config.
+
+napari reads ``NAPARI_CONFIG`` when its settings are first loaded, so it is set here, before
+any test imports napari. The tests need a real X display (napari's canvas renders nothing with
+``QT_QPA_PLATFORM=offscreen``): pytest-xvfb starts Xvfb, or run them under ``xvfb-run``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_CONFIG_DIR = tempfile.mkdtemp(prefix="napari-usguide-tests-")
+os.environ["NAPARI_CONFIG"] = str(Path(_CONFIG_DIR) / "settings.yaml")
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+TEST_DATA = REPO_ROOT / "tests" / "data"
+
+
+def shared_data_dir() -> Path | None:
+    """``$USGUIDE_DATA`` or ``../shared/data`` beside the repository, when it exists."""
+    env = os.environ.get("USGUIDE_DATA")
+    path = Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+    return path if path.is_dir() else None

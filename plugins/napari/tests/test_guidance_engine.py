@@ -1,0 +1,78 @@
+"""The widget's engine without Qt: frames in order, seeking, real-time skipping, targets."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari_usguide")
+
+from napari_usguide._engine import GuidanceEngine
+
+from usguide.demo import DemoScan, DemoScript
+from usguide.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Pipeline:
+    return Pipeline()
+
+
+def _engine(pipeline: Pipeline, frames: int = 12, **kwargs: bool) -> GuidanceEngine:
+    pipeline.reset()
+    script = DemoScript(needle_from=2, arrive=8, inject_from=10, frames=frames)
+    return GuidanceEngine(DemoScan(script=script), pipeline, **kwargs)
+
+
+@pytest.mark.parametrize("segment_ahead", [False, True])
+def test_every_frame_in_order_with_copies_the_gui_can_keep(
+    pipeline: Pipeline, segment_ahead: bool
+) -> None:
+    engine = _engine(pipeline, segment_ahead=segment_ahead)
+    try:
+        results = list(engine.play(realtime=False))
+        assert [r.index for r in results] == list(range(12))
+        assert [r.seq for r in results] == list(range(1, 13))
+        assert engine.at_end and engine.newest() is results[-1]
+        # Each result owns its buffers: the pipeline reuses its overlay for the next frame.
+        assert len({id(r.overlay) for r in results}) == 12
+        assert not np.array_equal(results[0].overlay, results[-1].overlay)
+        assert results[-1].needle is not None and results[-1].needle.visible
+        assert engine.step() is None
+        assert engine.seek(5).index == 5 and engine.next_index == 6
+        assert engine.step().index == 6
+    finally:
+        engine.close()
+
+
+def test_real_time_leaves_out_what_it_cannot_keep_up_with(pipeline: Pipeline) -> None:
+    engine = _engine(pipeline, frames=40)
+    try:
+        start = time.perf_counter()
+        results = list(engine.play(realtime=True))
+        wall = time.perf_counter() - start
+        assert wall >= 0.9 * 39 * engine.frame_time_s  # never faster than the scan
+        assert len(results) + engine.source_skipped == 40
+        assert [r.index for r in results] == sorted(r.index for r in results)
+    finally:
+        engine.close()
+
+
+def test_targets_and_stop(pipeline: Pipeline) -> None:
+    engine = _engine(pipeline)
+    try:
+        target = engine.add_target((300.0, 200.0))
+        assert engine.move_target(target, (310.0, 205.0)) == target
+        assert {t.id: t.xy for t in engine.targets()}[target] == (310.0, 205.0)
+        assert engine.move_target(9999, (1.0, 2.0)) != 9999  # gone: added again
+        engine.delete_target(target)
+        engine.delete_target(target)  # twice: no error
+        assert target not in {t.id for t in engine.targets()}
+        seen = list(engine.play(realtime=False, should_stop=lambda: engine.next_index >= 3))
+        assert [r.index for r in seen] == [0, 1, 2]
+        engine.restart()
+        assert engine.next_index == 0
+    finally:
+        engine.close()

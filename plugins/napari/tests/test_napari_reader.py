@@ -1,0 +1,119 @@
+"""The reader: DICOM cines, videos and image folders as layers with the mm scale; sample data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TEST_DATA, shared_data_dir
+
+pytest.importorskip("napari")
+
+from napari_usguide._reader import napari_get_reader
+from napari_usguide._sample_data import demo_scan
+
+DICOM = TEST_DATA / "dicom"
+
+
+def _read(path: Path) -> tuple[object, dict, str]:
+    reader = napari_get_reader(str(path))
+    assert reader is not None, path
+    layers = reader(str(path))
+    assert len(layers) == 1
+    return layers[0]
+
+
+def test_shared_sonosite_cine_has_its_mm_scale() -> None:
+    root = shared_data_dir()
+    path = root / "dicom-us" / "color3d_jpeg_baseline.dcm" if root else None
+    if path is None or not path.exists():
+        pytest.skip("shared SonoSite cine absent (../shared/data/dicom-us)")
+    data, kwargs, kind = _read(path)
+    assert kind == "image"
+    assert data.shape == (120, 480, 640, 3)
+    assert kwargs["rgb"] is True
+    assert kwargs["scale"] == pytest.approx((1.0, 0.5105, 0.5105), abs=5e-5)
+    meta = kwargs["metadata"]["usguide"]
+    assert meta["units"] == "mm" and meta["frames"] == 120
+    assert meta["frame_time_s"] == pytest.approx(1 / 30, rel=1e-3)
+    # Lazy: a frame is decoded when asked for, and matches the source's own decoding.
+    frame = np.asarray(data[7])
+    from usguide.sources import open_source
+
+    with open_source(path) as source:
+        np.testing.assert_array_equal(frame, source.read(7).pixels)
+
+
+def test_bundled_two_frame_dicom_has_its_mm_scale() -> None:
+    data, kwargs, _ = _read(DICOM / "OBXXXX1A_rle_2frame.dcm")
+    assert data.shape[:3] == (2, 600, 800)
+    assert kwargs["scale"] == pytest.approx((1.0, 0.26229, 0.26229), abs=5e-5)
+    assert "uncalibrated" not in kwargs["name"]
+    assert np.asarray(data[1]).dtype == np.uint8
+
+
+def test_single_frame_dicom_is_2d() -> None:
+    data, kwargs, _ = _read(DICOM / "OBXXXX1A.dcm")
+    assert data.shape[:2] == (600, 800)
+    assert len(kwargs["scale"]) == 2
+
+
+def test_uncalibrated_scan_stays_in_pixels_and_says_so() -> None:
+    _, kwargs, _ = _read(DICOM / "US1_UNCR.dcm")
+    assert kwargs["scale"] == (1.0, 1.0)
+    assert "uncalibrated" in kwargs["name"]
+    assert kwargs["metadata"]["usguide"]["spacing_mm"] is None
+    assert "units" not in kwargs
+
+
+def test_image_folder_is_a_stack(tmp_path: Path) -> None:
+    import shutil
+
+    image = TEST_DATA / "usgra-seg" / "images" / "0002.png"
+    for name in ("f1.png", "f2.png", "f10.png"):
+        shutil.copy(image, tmp_path / name)
+    data, kwargs, _ = _read(tmp_path)
+    assert data.shape[0] == 3
+    assert kwargs["scale"] == (1.0, 1.0, 1.0)  # PNGs carry no calibration
+    assert "uncalibrated" in kwargs["name"]
+
+
+def test_reader_declines_what_it_cannot_read(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a scan")
+    assert napari_get_reader(str(tmp_path / "notes.txt")) is None
+    assert napari_get_reader(str(tmp_path)) is None  # a folder without images
+    assert napari_get_reader([str(DICOM / "OBXXXX1A.dcm")] * 2) is None
+
+
+def test_demo_sample_is_a_lazy_cine_with_its_assumed_scale() -> None:
+    from usguide.demo import DEMO_SPACING_MM, DemoScan
+
+    (data, kwargs, kind), *_ = demo_scan()
+    assert kind == "image"
+    assert data.shape == (DemoScan().frame_count, 512, 640)
+    assert kwargs["scale"][1:] == (DEMO_SPACING_MM, DEMO_SPACING_MM)
+    assert "assumed" in kwargs["name"]
+    assert kwargs["metadata"]["usguide"]["source"] == "demo"
+    assert np.asarray(data[40]).std() > 10
+
+
+def test_manifest_declares_reader_sample_and_widget() -> None:
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_distribution("napari-usguide")
+    contributions = manifest.contributions
+    assert any("*.dcm" in r.filename_patterns for r in contributions.readers or [])
+    assert [s.key for s in contributions.sample_data or []] == ["demo_scan"]
+    assert "napari-usguide.guidance_widget" in {w.command for w in contributions.widgets or []}
+    import importlib
+
+    for command in contributions.commands or []:  # every command's python name resolves
+        module, _, attr = command.python_name.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr))
+    from npe2 import PluginManager
+
+    pm = PluginManager()
+    pm.register(manifest)
+    readers = list(pm.iter_compatible_readers([str(DICOM / "color3d_jpeg_baseline.dcm")]))
+    assert [r.plugin_name for r in readers] == ["napari-usguide"]
