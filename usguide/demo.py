@@ -151,8 +151,10 @@ class DemoScan(SeekableSource):
         m[:, 2] += (dx, dy)
         moved = cv2.warpAffine(self._image, m, (w, h), borderMode=cv2.BORDER_REFLECT)
         # Speckle changes a little from frame to frame on a real scanner.
-        noise = rng.normal(0.0, 3.0, moved.shape)
-        moved = np.clip(moved + noise, 0, 255).astype(np.uint8)
+        noise = rng.standard_normal(moved.shape, dtype=np.float32)
+        noise *= 3.0
+        noise += moved
+        moved = np.clip(noise, 0, 255, out=noise).astype(np.uint8)
         tip = self.tip_truth(index)
         if tip is not None:
             local_tip = (tip[0] - self._x0, tip[1] - self._y0)

@@ -196,7 +196,20 @@ def render_injectate(
     edge = max(_MIN_EDGE_PX, 0.2 / spacing)
     profile = np.asarray(outline, np.float64).reshape(-1)
 
-    # Polar coordinates in the ellipse's own frame, for every pixel of the region.
+    # Only the box the pocket can change is computed: its outline, or 4 radii when it pushes
+    # tissue aside; the posterior enhancement runs down to the region's bottom. The tissue
+    # level is the whole region's.
+    level = _tissue_level(grey[y0 : y1 + 1, x0 : x1 + 1])
+    radius = max(rx, ry) * (1.0 + float(np.abs(profile).max()))
+    reach = (4.0 if push > 0 else 1.0) * radius + 4.0 * edge + 4.0
+    cx, cy = float(centre_xy[0]), float(centre_xy[1])
+    x0, x1 = max(x0, math.floor(cx - reach)), min(x1, math.ceil(cx + reach))
+    y0 = max(y0, math.floor(cy - reach))
+    if enhancement <= 0:
+        y1 = min(y1, math.ceil(cy + reach))
+    if x0 > x1 or y0 > y1:  # the pocket lies wholly outside the region
+        return RenderedInjectate(grey.copy(), np.zeros((height, width), bool), out_labels, (rx, ry))
+    # Polar coordinates in the ellipse's own frame, for every pixel of the box.
     ys, xs = np.mgrid[y0 : y1 + 1, x0 : x1 + 1].astype(np.float32)
     a = math.radians(angle_deg)
     dx, dy = xs - np.float32(centre_xy[0]), ys - np.float32(centre_xy[1])
@@ -266,7 +279,6 @@ def render_injectate(
     grain = max(0.6, 0.1 / spacing)
     fluid = rng.standard_normal(alpha.shape).astype(np.float32)
     fluid = cv2.GaussianBlur(fluid, (0, 0), grain)
-    level = _tissue_level(grey[y0 : y1 + 1, x0 : x1 + 1])
     interior = _FLOOR * level if interior is None else interior
     noise = max(1.0, _NOISE * level) if noise is None else noise
     fluid *= noise / max(float(fluid.std()), 1e-6)
