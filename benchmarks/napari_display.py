@@ -67,6 +67,16 @@ class DrawCounter:
         self.count += 1
 
 
+def _event_loop(callback: Callable[[], None], interval_ms: int) -> tuple[Any, Any]:
+    """A Qt event loop and a timer calling ``callback`` every ``interval_ms`` inside it."""
+    from qtpy.QtCore import QEventLoop, QTimer
+
+    loop, timer = QEventLoop(), QTimer()
+    timer.setInterval(interval_ms)
+    timer.timeout.connect(callback)
+    return loop, timer
+
+
 def _viewer(width: int = WINDOW[0], height: int = WINDOW[1]) -> Any:
     import napari
 
@@ -205,17 +215,7 @@ def play_rates(frames: int | None) -> list[dict[str, Any]]:
         engine = widget.engine
         total = engine.frame_count - 1 if frames is None else min(frames, engine.frame_count - 1)
         shown_before, drawn = widget.displayed, draws.count
-        latencies: list[float] = []
-        start = time.perf_counter()
-        widget.play()
-        while widget._worker is not None:
-            if engine.next_index > total:
-                widget.pause()
-            before = widget.displayed
-            _pump(0.001)
-            if widget.displayed > before:
-                latencies.append(widget._latency_ms[-1])
-        wall = time.perf_counter() - start
+        wall, latencies = _play(widget, total)
         processed = engine.next_index - 1
         shown = widget.displayed - shown_before - 1  # the pause shows the last one again
         rows.append(
@@ -236,6 +236,34 @@ def play_rates(frames: int | None) -> list[dict[str, Any]]:
         _pump(0.2)
     rows.append(_replay(frames))
     return rows
+
+
+def _play(widget: Any, last: int) -> tuple[float, list[float]]:
+    """Play until frame ``last`` inside Qt's own event loop, as in napari (polling with
+    processEvents in a busy loop would hold the GIL and starve the pipeline's thread).
+    Returns the wall time and the latency of every frame shown."""
+    engine = widget.engine
+    latencies: list[float] = []
+    seen = widget.displayed
+
+    def check() -> None:
+        nonlocal seen
+        new = widget.displayed - seen
+        if new > 0:
+            latencies.extend(list(widget._latency_ms)[-min(new, len(widget._latency_ms)) :])
+            seen = widget.displayed
+        if engine.next_index > last and widget._playing:
+            widget.pause()
+        if widget._worker is None:
+            loop.quit()
+
+    loop, timer = _event_loop(check, interval_ms=5)
+    start = time.perf_counter()
+    widget.play()
+    timer.start()
+    loop.exec_()
+    timer.stop()
+    return time.perf_counter() - start, latencies
 
 
 def _replay(frames: int | None) -> dict[str, Any]:

@@ -240,6 +240,7 @@ class GuidanceWidget(QWidget):
             return
         self._worker = None
         was_playing, self._playing = self._playing, False
+        _freeze_layer_list(self.viewer, False)
         if self.play_button.isChecked():
             self.play_button.blockSignals(True)
             self.play_button.setChecked(False)
@@ -313,6 +314,7 @@ class GuidanceWidget(QWidget):
         self._playing = True
         self.play_button.setText("Pause")
         self._show_playing_layers()
+        _freeze_layer_list(self.viewer, True)  # after the visibility changes are painted
         self._run(worker)
 
     # -- layers --------------------------------------------------------------------------------
@@ -609,6 +611,20 @@ def _canvas_overlay(viewer: napari.viewer.Viewer, name: str) -> Any:
     if overlays is not None and name in overlays:
         return overlays[name]
     return getattr(viewer, f"{name}_overlay" if name == "text" else name)
+
+
+def _freeze_layer_list(viewer: napari.viewer.Viewer, frozen: bool) -> None:
+    """Stop (or restart) repainting napari's layer list. While playing, nothing in it changes,
+    yet each frame's layer refresh repaints every row's icons in software: about a fifth of the
+    GUI thread's time. napari has no public switch for this; without the private widget, skip.
+    """
+    qt_viewer = getattr(viewer.window, "_qt_viewer", None)
+    layer_list = getattr(qt_viewer, "layers", None)
+    if layer_list is None or not hasattr(layer_list, "setUpdatesEnabled"):
+        return
+    if frozen:
+        layer_list.viewport().repaint()  # show the layers' new visibility before freezing
+    layer_list.setUpdatesEnabled(not frozen)
 
 
 def _refresh_pixels(layer: Any) -> None:
