@@ -38,6 +38,13 @@ def test_demo_scan_is_calibrated_and_deterministic(demo: DemoScan) -> None:
     assert a.spacing_mm == (DEMO_SPACING_MM, DEMO_SPACING_MM)
     assert "assumed" in a.region.note
     assert demo.tip_truth(10) is None and demo.tip_truth(80) is not None
+    # Prerendered frames are the same frames, and a reader's copy cannot change them.
+    kept = DemoScan()
+    kept.prerender()
+    first = kept.read(80)
+    assert np.array_equal(first.pixels, a.pixels)
+    first.pixels[:] = 0
+    assert np.array_equal(kept.read(80).pixels, a.pixels)
 
 
 def test_every_stage_runs_and_is_timed(demo: DemoScan, pipeline: Pipeline) -> None:

@@ -79,6 +79,14 @@ class DemoScan(SeekableSource):
         self.target_xy, self.entry_xy = self._plan()
         self.encoding = "rendered"
         self.colour = "grey"
+        self._rendered: list[np.ndarray] | None = None
+
+    def prerender(self) -> None:
+        """Render every frame now and keep them (about 56 MB), so reading a frame costs a copy:
+        for a viewer that plays the scan again and again beside its own drawing. One pass
+        through the scan needs none of it."""
+        if self._rendered is None:
+            self._rendered = [self._render(i) for i in range(self.frame_count)]
 
     # -- the plan: where the needle goes -------------------------------------------------------
     def _plan(self) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -141,6 +149,10 @@ class DemoScan(SeekableSource):
         )
 
     def _read_pixels(self, index: int) -> tuple[np.ndarray, float | None]:
+        pixels = self._rendered[index].copy() if self._rendered is not None else None
+        return (pixels if pixels is not None else self._render(index)), index / DEMO_FPS
+
+    def _render(self, index: int) -> np.ndarray:
         s = self.script
         rng = np.random.default_rng((self.seed, index))
         rows, cols = DEMO_SIZE
@@ -177,4 +189,4 @@ class DemoScan(SeekableSource):
             )
             moved = render_needle(moved, pose, rng=rng, spacing_mm=DEMO_SPACING_MM).image
         frame[self._y0 : self._y0 + h, self._x0 : self._x0 + w] = moved
-        return frame, index / DEMO_FPS
+        return frame

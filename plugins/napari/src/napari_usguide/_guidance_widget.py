@@ -210,7 +210,14 @@ class GuidanceWidget(QWidget):
 
     @staticmethod
     def _open_and_warm(spec: str, model: str | None, mode: str) -> GuidanceEngine:
-        return GuidanceEngine.open(spec, model=model, mode=mode)
+        from usguide.demo import DemoScan
+
+        engine = GuidanceEngine.open(spec, model=model, mode=mode)
+        if isinstance(engine.source, DemoScan):
+            # Its frames are rendered, not decoded: render them all now, off the GUI thread,
+            # so playing leaves the CPU to the pipeline and the canvas.
+            engine.source.prerender()
+        return engine
 
     def _replace_engine(self, engine: GuidanceEngine) -> None:
         if self.engine is not None:
