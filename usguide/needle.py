@@ -560,13 +560,25 @@ def detection_features(
 def _robust_line(t: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
     """Weighted least-squares line y = a t + b, refitted without the points far from the first
     fit (a bright band crossing the shaft pulls a few centres off the axis)."""
-    a, b = np.polyfit(t, y, 1, w=w)
+    a, b = _weighted_line(t, y, w)
     residual = np.abs(y - (a * t + b))
     spread = 1.4826 * float(np.median(residual))
     keep = residual <= max(1.0, 2.5 * spread)
     if 4 <= keep.sum() < len(t):
-        a, b = np.polyfit(t[keep], y[keep], 1, w=w[keep])
-    return float(a), float(b)
+        a, b = _weighted_line(t[keep], y[keep], w[keep])
+    return a, b
+
+
+def _weighted_line(t: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """Least-squares line y = a t + b with residuals weighted by ``w`` (as ``np.polyfit``'s
+    ``w``), in closed form: it runs several times a frame, and polyfit's generality costs."""
+    ww = w * w
+    sw, st, sy = ww.sum(), ww @ t, ww @ y
+    den = sw * (ww @ (t * t)) - st * st
+    if sw <= 0 or abs(den) <= 1e-12 * max(1.0, sw * sw):
+        return 0.0, float(sy / sw) if sw > 0 else 0.0
+    a = (sw * (ww @ (t * y)) - st * sy) / den
+    return float(a), float((sy - a * st) / sw)
 
 
 def _centre_offsets(
