@@ -231,3 +231,22 @@ def test_pre_annotate_propagate_and_undo(tmp_path: Path) -> None:
     assert (aset[keys[0]].labels[5:75, 5:95] == NERVE).all()
     assert aset.redo() == "edit"
     np.testing.assert_array_equal(aset[keys[0]].labels, edited)
+
+
+def test_tips_are_undone_with_the_labels_they_were_set_with() -> None:
+    aset = AnnotationSet("a")
+    key = aset.add_image(speckle((60, 80), seed=1), source="cine.dcm", frame_index=0)
+    labels = np.zeros((60, 80), np.uint8)
+    labels[10:20, 10:30] = NEEDLE
+    assert aset.annotate(key, labels, (29.5, 14.0))
+    assert aset.set_tip(key, (31.0, 15.0))
+    assert not aset.set_tip(key, (31.0, 15.0))  # no change, no step
+    assert aset.undo() == "tip"
+    assert aset[key].tip_xy == (29.5, 14.0)
+    assert aset.undo() == "edit"  # labels and tip were one step
+    assert aset[key].tip_xy is None and not aset[key].labels.any()
+    assert aset.redo() == "edit"
+    assert aset[key].tip_xy == (29.5, 14.0) and (aset[key].labels == NEEDLE).sum() == 200
+    assert aset.set_tip(key, None)
+    assert aset[key].tip_xy is None
+    assert aset.undo() == "tip" and aset[key].tip_xy == (29.5, 14.0)

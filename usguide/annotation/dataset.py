@@ -267,9 +267,21 @@ class AnnotationSet:
         if self.annotator:
             f.annotator = self.annotator
 
-    def _commit(self, action: str, new: Mapping[str, np.ndarray]) -> list[str]:
-        """Write new label maps in place, as one undo step; the keys that changed."""
+    def _commit(
+        self,
+        action: str,
+        new: Mapping[str, np.ndarray],
+        tips: Mapping[str, Point | None] | None = None,
+    ) -> list[str]:
+        """Write new label maps in place, and tips, as one undo step; the keys that changed."""
         changes = []
+        for key, tip in (tips or {}).items():
+            tip = (float(tip[0]), float(tip[1])) if tip is not None else None
+            change = diff(_tip_key(key), _tip_array(self.frames[key].tip_xy), _tip_array(tip))
+            if change is not None:
+                self.frames[key].tip_xy = tip
+                self._touch(key)
+                changes.append(change)
         for key, labels in new.items():
             current = self.frames[key].labels
             labels = np.asarray(labels)
@@ -281,21 +293,37 @@ class AnnotationSet:
                 self._touch(key)
                 changes.append(change)
         self.history.record(action, changes)
-        return [c.key for c in changes]  # type: ignore[misc]
+        keys = (c.key[1] if isinstance(c.key, tuple) else c.key for c in changes)
+        return list(dict.fromkeys(keys))  # type: ignore[arg-type]
 
-    def _arrays(self) -> dict[str, np.ndarray]:
-        return {k: f.labels for k, f in self.frames.items()}
+    def _arrays(self) -> dict[Any, np.ndarray]:
+        """What undo and redo write into: the label maps, and each tip as a small array."""
+        arrays: dict[Any, np.ndarray] = {k: f.labels for k, f in self.frames.items()}
+        arrays.update({_tip_key(k): _tip_array(f.tip_xy) for k, f in self.frames.items()})
+        return arrays
+
+    def _tips_from(self, arrays: Mapping[Any, np.ndarray]) -> None:
+        for key, f in self.frames.items():
+            tip = _tip_from_array(arrays[_tip_key(key)])
+            if tip != f.tip_xy:
+                f.tip_xy = tip
+                self._touch(key)
 
     def set_labels(self, key: str, labels: np.ndarray, *, action: str = "edit") -> bool:
         """Replace a frame's labels (copied in); True when anything changed."""
         return bool(self._commit(action, {key: labels}))
 
-    def set_tip(self, key: str, tip_xy: Point | None) -> None:
-        """Mark (or clear, with None) the needle tip of a frame, in its pixels."""
-        self.frames[key].tip_xy = (
-            (float(tip_xy[0]), float(tip_xy[1])) if tip_xy is not None else None
-        )
-        self._touch(key)
+    def set_tip(self, key: str, tip_xy: Point | None, *, action: str = "tip") -> bool:
+        """Mark (or clear, with None) the needle tip of a frame, in its pixels, as an undoable
+        step; True when it changed."""
+        return bool(self._commit(action, {}, {key: tip_xy}))
+
+    def annotate(
+        self, key: str, labels: np.ndarray, tip_xy: Point | None, *, action: str = "edit"
+    ) -> bool:
+        """Set a frame's labels and tip together, as one undoable step; True when anything
+        changed."""
+        return bool(self._commit(action, {key: labels}, {key: tip_xy}))
 
     def pre_annotate(
         self, keys: Sequence[str], segment: Callable[[Frame], np.ndarray]
@@ -360,12 +388,18 @@ class AnnotationSet:
         return self._commit(f"propagate to {len(keys)} frame(s)", new)
 
     def undo(self) -> str | None:
-        """Undo the last label change; its description, or None."""
-        return self.history.undo(self._arrays())  # type: ignore[arg-type]
+        """Undo the last change of labels or tips; its description, or None."""
+        arrays = self._arrays()
+        label = self.history.undo(arrays)
+        self._tips_from(arrays)
+        return label
 
     def redo(self) -> str | None:
         """Redo the last undone change; its description, or None."""
-        return self.history.redo(self._arrays())  # type: ignore[arg-type]
+        arrays = self._arrays()
+        label = self.history.redo(arrays)
+        self._tips_from(arrays)
+        return label
 
     # -- export / load ----------------------------------------------------------------------
     def export(
@@ -745,3 +779,20 @@ def _read_labels(path: Path) -> np.ndarray:
     if labels.max(initial=0) >= N_CLASSES:
         raise InvalidMaskError(path, f"class indices >= {N_CLASSES}")
     return labels
+
+
+def _tip_key(key: str) -> tuple[str, str]:
+    """The undo history's key for a frame's tip (label maps use the frame's key)."""
+    return ("tip", key)
+
+
+def _tip_array(tip: Point | None) -> np.ndarray:
+    """A tip as a ``(1, 3)`` array: x, y, and 1 when marked (all 0 when not), so the undo
+    history's rectangle diff applies to tips too."""
+    if tip is None:
+        return np.zeros((1, 3))
+    return np.array([[tip[0], tip[1], 1.0]])
+
+
+def _tip_from_array(a: np.ndarray) -> Point | None:
+    return (float(a[0, 0]), float(a[0, 1])) if a[0, 2] else None

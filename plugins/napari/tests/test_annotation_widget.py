@@ -77,6 +77,12 @@ def test_annotate_propagate_undo_export_and_reopen(
     widget.undo()  # the propagation
     assert not labels_layer.data[1].any() and not labels_layer.data[2].any()
     assert (labels_layer.data[0] == VESSEL).any()
+    # A moved tip is an undoable edit too: undo puts the point back in the tips layer.
+    tips = viewer.layers[TIPS_LAYER]
+    tips.data = np.array([[0, y0 + 50.0, x0 + 70.0]])
+    widget.undo()
+    np.testing.assert_allclose(np.asarray(tips.data), [[0, y0 + 30.0, x0 + 40.0]])
+    assert (labels_layer.data[0] == VESSEL).any()
 
     edited = np.asarray(labels_layer.data[0]).copy()
     out = tmp_path / "dataset"

@@ -224,20 +224,32 @@ class AnnotationWidget(QWidget):
         assert self.aset is not None
         self.aset.annotator = self.annotator_edit.text()
         key = self._ensure(t)
-        self.aset.set_labels(key, self._layer_labels(t), action="edit")
-        self.aset.set_tip(key, self._tip(t))
+        self.aset.annotate(key, self._layer_labels(t), self._tip(t), action="edit")
         return key
 
     def _show(self) -> None:
-        """Copy the set's labels back into the labels layer."""
+        """Copy the set's labels and tips back into the labels and tips layers."""
         assert self.aset is not None
         data = self.labels_layer.data
+        stacked = self._stacked()
         for t, key in self._keys.items():
-            if self._stacked():
+            if stacked:
                 data[t] = self.aset[key].labels
             else:
                 data[...] = self.aset[key].labels
         self.labels_layer.refresh()
+        if self.tips_layer is None:
+            return
+        # Tips of frames the set holds come from the set (undo may have changed them); tips
+        # on frames it does not hold yet stay as drawn.
+        points = np.asarray(self.tips_layer.data, float).reshape(-1, 3 if stacked else 2)
+        held = set(self._keys) if stacked else {0}
+        keep = [p for p in points if stacked and int(np.rint(p[0])) not in held]
+        for t, key in self._keys.items():
+            tip = self.aset[key].tip_xy
+            if tip is not None:
+                keep.append(np.array([t, tip[1], tip[0]] if stacked else [tip[1], tip[0]]))
+        self.tips_layer.data = np.array(keep, float).reshape(-1, 3 if stacked else 2)
 
     def _run(self, fn: Callable[[], Any], done: Callable[[Any], None], what: str) -> None:
         from napari.qt.threading import thread_worker
