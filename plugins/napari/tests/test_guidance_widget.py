@@ -42,13 +42,16 @@ def test_widget_plays_the_demo_in_a_worker_and_updates_layers_in_place(
     assert widget._shown.index == 0
     overlay_layer = layers["overlay"]
 
+    layer_list = viewer.window._qt_viewer.layers
     widget.play()
     assert widget._playing and layers["overlay"].visible and not layers["labels"].visible
+    assert not layer_list.updatesEnabled()  # nothing in it changes while playing
     # The GUI thread stays free while the worker runs: results arrive while it plays.
     qtbot.waitUntil(lambda: widget.displayed >= 8, timeout=WAIT_MS)
     assert widget._worker is not None
     widget.pause()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=WAIT_MS)
+    assert layer_list.updatesEnabled()  # paused: the layer list is live again
 
     engine = widget.engine
     shown = widget._shown
