@@ -136,15 +136,11 @@ class GuidanceEngine:
         # the pending one.
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="usguide-read")
         self._pending: tuple[int, Future[tuple[float, Any]]] | None = None
-        # segment_ahead: where the pipeline splits into segment / finish, segment the next
-        # frame on the reader thread while this one finishes. Off by default: on 2 cores, with
-        # napari drawing in software on the GUI thread, it measured slower (23 vs 25 fps on
-        # the SonoSite cine); reading ahead alone is kept.
-        self._split = (
-            segment_ahead
-            and callable(getattr(pipeline, "segment", None))
-            and callable(getattr(pipeline, "finish", None))
-        )
+        # segment_ahead: segment the next frame on the reader thread (Pipeline.segment) while
+        # this one finishes (Pipeline.finish). Off by default: on 2 cores, with napari drawing
+        # in software on the GUI thread, it measured no faster (within noise of reading ahead
+        # alone), and it holds one more frame in flight.
+        self._split = segment_ahead
 
     @classmethod
     def open(
@@ -192,8 +188,8 @@ class GuidanceEngine:
 
     # -- frames --------------------------------------------------------------------------------
     def _first_half(self, index: int) -> tuple[float, Any]:
-        """Read frame ``index`` and, where the pipeline splits (``Pipeline.segment`` /
-        ``finish``), segment it too: the part that can run ahead, in frame order."""
+        """Read frame ``index`` and, with ``segment_ahead``, segment it too: the part that can
+        run ahead, in frame order."""
         read_at = time.perf_counter()
         frame = self.source.read(index)
         if self._split:
