@@ -48,8 +48,11 @@ def validation_triples(
         for i in val:
             s = dataset[i]
             yield s.image, s.mask, s.labelled, dataset.__class__.__name__
-            pose = random_pose(s.image.shape, rng)
-            rendered = render_needle(s.image, pose, rng=rng)
+            # A needle is only imaged inside the imaging region: outside it (scanner UI, black
+            # borders) the runtime labels nothing, so a needle drawn there would be unmatchable.
+            box = find_imaging_region(s.image)
+            pose = random_pose(s.image.shape, rng, region=box)
+            rendered = render_needle(s.image, pose, rng=rng, region=box)
             mask = s.mask.copy()
             mask[rendered.mask] = NEEDLE
             yield rendered.image, mask, s.labelled, "needle"

@@ -83,6 +83,30 @@ def test_labels_have_frame_shape_and_classes(segmenter: Segmenter, dicom_dir: Pa
     assert np.allclose(probs.sum(axis=0), 1.0, atol=1e-4)
 
 
+def test_labels_follow_interpolated_scores_not_blocky_model_pixels(
+    segmenter: Segmenter, dicom_dir: Path
+) -> None:
+    """Edges at frame resolution: labels are the argmax of bilinearly interpolated class scores,
+    not the model-size label map blown up by nearest neighbour (edges a model pixel wide)."""
+    import cv2
+
+    with DicomSource(dicom_dir / "color3d_jpeg_baseline.dcm") as src:
+        frame = src.read(10)
+    labels = segmenter(frame).copy()
+    logits = segmenter._logits
+    x0, y0, x1, y1 = frame.region.bbox
+    size = (x1 - x0 + 1, y1 - y0 + 1)
+    smooth = cv2.resize(np.ascontiguousarray(logits.transpose(1, 2, 0)), size).argmax(axis=2)
+    blocky = cv2.resize(
+        logits.argmax(axis=0).astype(np.uint8), size, interpolation=cv2.INTER_NEAREST
+    )
+    region = labels[y0 : y1 + 1, x0 : x1 + 1]
+    edges = smooth != blocky
+    assert edges.sum() > 500  # the two differ along every edge
+    assert (region[edges] == smooth[edges]).mean() > 0.95
+    assert (region == smooth).mean() > 0.995
+
+
 @pytest.mark.parametrize("value", [0, 255])
 def test_blank_frames_give_empty_labels(segmenter: Segmenter, value: int) -> None:
     for shape in ((480, 640), (480, 640, 3)):

@@ -266,7 +266,10 @@ class Segmenter:
         self._probs_stale = True
         self._have_previous = False
         self._argmax = np.empty((rows, cols), np.int64)  # np.argmax writes int64 only
-        self._labels_small = np.empty((rows, cols), np.uint8)
+        self._others = np.empty((rows, cols), np.float32)
+        self._margin = np.empty((rows, cols), np.float32)
+        self._margin_up = np.empty((0, 0), np.float32)
+        self._above = np.empty((0, 0), bool)
         self._labels: np.ndarray | None = None
 
     @property
@@ -307,6 +310,11 @@ class Segmenter:
             # Shrink first, then grey: no region-sized temporary per frame.
             cv2.resize(crop, (cols, rows), dst=self._small_rgb, interpolation=cv2.INTER_AREA)
             cv2.cvtColor(self._small_rgb, cv2.COLOR_RGB2GRAY, dst=self._small)
+        h, w = pixels.shape[:2]
+        if self._labels is None or self._labels.shape != (h, w):
+            self._labels = np.zeros((h, w), np.uint8)
+        else:
+            self._labels.fill(0)
         _, std = cv2.meanStdDev(self._small)
         if float(std[0, 0]) < FLAT_STD:
             # Black, saturated or frozen-uniform frame: nothing to label, and the model's answer
@@ -315,29 +323,42 @@ class Segmenter:
             self._probs[0] = 1.0
             self._probs_stale = False
             self._have_previous = False
-            self._labels_small.fill(0)
+            return self._labels
+        normalise(self._small, self.info.normalisation, self._x[0, 0])
+        self._logits = self._engine.run(self._x)[0]
+        if self.smoothing > 0:
+            self._smooth(self._logits)
+            scores = self._probs
         else:
-            normalise(self._small, self.info.normalisation, self._x[0, 0])
-            self._logits = self._engine.run(self._x)[0]
-            if self.smoothing > 0:
-                self._smooth(self._logits)
-                np.argmax(self._probs, axis=0, out=self._argmax)
-            else:
-                self._probs_stale = True
-                np.argmax(self._logits, axis=0, out=self._argmax)
-            np.copyto(self._labels_small, self._argmax, casting="unsafe")
-        h, w = pixels.shape[:2]
-        if self._labels is None or self._labels.shape != (h, w):
-            self._labels = np.zeros((h, w), np.uint8)
-        else:
-            self._labels.fill(0)
-        cv2.resize(
-            self._labels_small,
-            (x1 - x0 + 1, y1 - y0 + 1),
-            dst=self._labels[y0 : y1 + 1, x0 : x1 + 1],
-            interpolation=cv2.INTER_NEAREST,
-        )
+            self._probs_stale = True
+            scores = self._logits
+        self._upsample_labels(scores, self._labels[y0 : y1 + 1, x0 : x1 + 1])
         return self._labels
+
+    def _upsample_labels(self, scores: np.ndarray, out: np.ndarray) -> None:
+        """Labels at the region's size into ``out`` (zeroed): each class where its margin over the
+        best other class, interpolated bilinearly from model size, is positive.
+
+        Resizing the label map itself (nearest neighbour) would give blocky edges a model pixel
+        (2-3 frame pixels) wide, which thin needles and fascia bands cannot afford. Margins of
+        different classes cannot both be positive, so the classes never overlap.
+        """
+        np.argmax(scores, axis=0, out=self._argmax)
+        if self._margin_up.shape != out.shape:
+            self._margin_up = np.empty(out.shape, np.float32)
+            self._above = np.empty(out.shape, bool)
+        size = (out.shape[1], out.shape[0])
+        for c in range(1, scores.shape[0]):
+            if not (self._argmax == c).any():
+                continue  # every margin of c is <= 0, so its interpolation is too
+            others = [k for k in range(scores.shape[0]) if k != c]
+            np.maximum(scores[others[0]], scores[others[1]], out=self._others)
+            for k in others[2:]:
+                np.maximum(self._others, scores[k], out=self._others)
+            np.subtract(scores[c], self._others, out=self._margin)
+            cv2.resize(self._margin, size, dst=self._margin_up, interpolation=cv2.INTER_LINEAR)
+            np.greater(self._margin_up, 0.0, out=self._above)
+            out[self._above] = c
 
     @staticmethod
     def _softmax_into(out: np.ndarray, logits: np.ndarray) -> None:
