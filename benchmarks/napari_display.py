@@ -10,9 +10,11 @@ Prints two tables:
 1. **layer updates**: 640 x 480 frames pushed into napari layers by replacing ``layer.data``
    (what the widget does), as fast as the canvas takes them: updates per second and canvas
    draws per second for each way of showing a result;
-2. **playing the demo scan** in the guidance widget (pipeline in a ``thread_worker``):
-   frames shown per second, canvas draws per second, results skipped (the GUI always shows the
-   newest), latency from reading a frame to showing it, and the pipeline's own time per frame.
+2. **playing the demo scan** (and the SonoSite cine) in the guidance widget: frames shown per
+   second, canvas draws per second, results skipped (the GUI always shows the newest), latency
+   from reading a frame to showing it, and the pipeline's own time per frame. The widget runs the
+   pipeline in a child process; the rows "pipeline on a thread" run it on a thread of napari's
+   process instead, side by side, and their ratio is printed.
    ``replay`` feeds the widget's display path with results computed beforehand, which is the
    display's ceiling without the pipeline competing for the CPU.
 
@@ -176,10 +178,18 @@ def layer_rates(seconds: float) -> list[tuple[str, float, float]]:
     return rows
 
 
-def _widget(viewer: Any, speed: str, source: str = "") -> Any:
+def _widget(viewer: Any, speed: str, source: str = "", *, in_process: bool = False) -> Any:
+    """The guidance widget with a scan open. ``in_process`` runs the pipeline on a thread of
+    this process (:class:`GuidanceEngine`) instead of the widget's child process, for comparison.
+    """
+    from napari_usguide._engine import GuidanceEngine
     from napari_usguide._guidance_widget import GuidanceWidget
 
     widget = GuidanceWidget(viewer)
+    if in_process:
+        widget._open_and_warm = lambda spec, model, mode: GuidanceEngine.open(
+            spec, model=model, mode=mode
+        )
     viewer.window.add_dock_widget(widget, name="Needle guidance")
     widget.speed_combo.setCurrentText(speed)
     widget.source_edit.setText(source)
@@ -206,12 +216,19 @@ def play_rates(frames: int | None) -> list[dict[str, Any]]:
     from napari_usguide._guidance_widget import SPEEDS
 
     rows = []
-    for (scan, spec), speed in itertools.product(SCANS.items(), SPEEDS):
+    every = "every frame (as fast as it goes)"
+    runs = [
+        (scan, spec, speed, False)
+        for (scan, spec), speed in itertools.product(SCANS.items(), SPEEDS)
+    ]
+    # The same on a thread of napari's own process, sharing its GIL (what the widget did before).
+    runs += [(scan, spec, every, True) for scan, spec in SCANS.items()]
+    for scan, spec, speed, in_process in runs:
         if spec and not Path(spec).exists():
             continue
         viewer = _viewer()
         draws = DrawCounter(viewer)
-        widget = _widget(viewer, speed, spec)
+        widget = _widget(viewer, speed, spec, in_process=in_process)
         engine = widget.engine
         total = engine.frame_count - 1 if frames is None else min(frames, engine.frame_count - 1)
         shown_before, drawn = widget.displayed, draws.count
@@ -220,7 +237,8 @@ def play_rates(frames: int | None) -> list[dict[str, Any]]:
         shown = widget.displayed - shown_before - 1  # the pause shows the last one again
         rows.append(
             {
-                "mode": f"{scan}: play, {speed.split(' (')[0]}",
+                "mode": f"{scan}: play, {speed.split(' (')[0]}"
+                + (", pipeline on a thread" if in_process else ""),
                 "frames processed": processed,
                 "shown": shown,
                 "shown/s": shown / wall,
@@ -370,16 +388,24 @@ def main() -> int:
         "(tests/data, 640 x 480, 30 fps)"
     )
     header = (
-        f"{'mode':40} {'processed':>9} {'shown':>6} {'shown/s':>8} {'draws/s':>8} "
+        f"{'mode':48} {'processed':>9} {'shown':>6} {'shown/s':>8} {'draws/s':>8} "
         f"{'skipped':>8} {'left out':>8} {'latency ms med/p95':>19} {'pipeline ms med/p95':>20}"
     )
     print(header)
-    for r in play_rates(args.frames):
+    results = play_rates(args.frames)
+    for r in results:
         print(
-            f"{r['mode']:40} {r['frames processed']:9d} {r['shown']:6d} {r['shown/s']:8.1f} "
+            f"{r['mode']:48} {r['frames processed']:9d} {r['shown']:6d} {r['shown/s']:8.1f} "
             f"{r['draws/s']:8.1f} {r['skipped']:8d} {r['left out']:8d} "
             f"{_ms(r['latency ms']):>19} {_ms(r['pipeline ms']):>20}"
         )
+    rates = {r["mode"]: r["shown/s"] for r in results}
+    for scan in SCANS:
+        child = rates.get(f"{scan}: play, every frame")
+        thread = rates.get(f"{scan}: play, every frame, pipeline on a thread")
+        if child and thread:
+            ratio = child / thread
+            print(f"{scan}, every frame: pipeline in a child process / on a thread = {ratio:.2f}x")
     print()
     print(
         "shown: results put on screen; skipped: results the GUI never showed because a newer "

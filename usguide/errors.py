@@ -25,6 +25,10 @@ class UsguideError(Exception):
         self.reason = reason
         super().__init__(f"{self.source}: {reason}")
 
+    def __reduce__(self) -> tuple[type[UsguideError], tuple[str, str]]:
+        # Survives pickling (a pipeline in another process raises it in its parent).
+        return self.__class__, (self.source, self.reason)
+
 
 class SourceNotFoundError(UsguideError, FileNotFoundError):
     """The file or folder does not exist."""

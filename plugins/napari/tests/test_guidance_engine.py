@@ -1,17 +1,21 @@
-"""The widget's engine without Qt: frames in order, seeking, real-time skipping, targets."""
+"""The widget's engine without Qt: frames in order, seeking, real-time skipping, targets; and
+the same engine in a child process."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("napari_usguide")
 
-from napari_usguide._engine import GuidanceEngine
+from napari_usguide._engine import GuidanceEngine, GuidanceProcess
 
 from usguide.demo import DemoScan, DemoScript
+from usguide.errors import SourceNotFoundError
 from usguide.pipeline import Pipeline
 
 
@@ -76,3 +80,70 @@ def test_targets_and_stop(pipeline: Pipeline) -> None:
         assert engine.next_index == 0
     finally:
         engine.close()
+
+
+# -- the same engine in a child process (what the widget uses) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def remote() -> Iterator[GuidanceProcess]:
+    engine = GuidanceProcess.open("demo")
+    yield engine
+    engine.close()
+
+
+def test_child_process_gives_what_this_process_gives(remote: GuidanceProcess) -> None:
+    local = GuidanceEngine.open("demo")
+    try:
+        assert (remote.frame_count, remote.shape) == (local.frame_count, local.shape)
+        assert remote.spacing_mm == local.spacing_mm and remote.frame_time_s == local.frame_time_s
+        remote.restart()
+        stop_at = 4
+        here = list(local.play(realtime=False, should_stop=lambda: local.next_index >= stop_at))
+        there = list(remote.play(realtime=False, should_stop=lambda: remote.next_index >= stop_at))
+        assert [r.index for r in there] == [r.index for r in here] == list(range(stop_at))
+        assert remote.next_index == stop_at and remote.newest() is there[-1]
+        for a, b in zip(here, there, strict=True):
+            assert np.array_equal(a.pixels, b.pixels)
+            assert (a.labels == b.labels).mean() > 0.999  # same model, same frames
+            assert a.overlay is not None and b.overlay is not None
+            assert a.overlay.shape == b.overlay.shape
+        assert np.array_equal(remote.read_pixels(3), local.read_pixels(3))
+        assert remote.seek(100).index == 100 and remote.next_index == 101
+        assert remote.step().index == 101
+    finally:
+        local.close()
+
+
+def test_child_process_targets(remote: GuidanceProcess) -> None:
+    target = remote.add_target((300.0, 200.0))
+    assert remote.move_target(target, (310.0, 205.0)) == target
+    assert {t.id: t.xy for t in remote.targets()}[target] == (310.0, 205.0)
+    remote.delete_target(target)
+    assert target not in {t.id for t in remote.targets()}
+
+
+def test_child_process_errors_are_raised_here(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.dcm"
+    with pytest.raises(SourceNotFoundError, match=r"missing\.dcm"):
+        GuidanceProcess.open(missing)
+    engine = GuidanceProcess.open("demo")
+    try:
+        with pytest.raises(AttributeError, match="no remote call"):
+            engine._call("close_everything")
+        engine._process.kill()  # a crashed child: a clear error, not a hang
+        with pytest.raises(RuntimeError, match="pipeline process ended"):
+            engine.process(0)
+    finally:
+        engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.targets()
+
+
+def test_child_process_ends_with_close_or_when_its_parent_goes() -> None:
+    engine = GuidanceProcess.open("demo")
+    engine.close()
+    assert engine._process.returncode == 0
+    orphan = GuidanceProcess.open("demo")
+    orphan._conn.close()  # as when this process dies: the child reads end of file
+    assert orphan._process.wait(30) == 0

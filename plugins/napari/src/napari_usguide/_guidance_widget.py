@@ -1,6 +1,7 @@
 """The guidance dock widget: play a recorded scan through the pipeline inside napari.
 
-The pipeline runs in a napari ``thread_worker``; the GUI thread only shows results. Two ways of
+The pipeline runs in a child process (:class:`~napari_usguide._engine.GuidanceProcess`), driven
+from a napari ``thread_worker``; the GUI thread only shows results. Two ways of
 showing them, because napari's canvas is the bottleneck (measured under Xvfb with software
 OpenGL, 640 x 480: one RGB layer ~41 updates/s, an image plus a labels layer ~21):
 
@@ -36,7 +37,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_usguide._engine import DEMO, MODES, GuidanceEngine, Published
+from napari_usguide._engine import DEMO, MODES, GuidanceProcess, Published
 from napari_usguide._reader import layers_have_units
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ class GuidanceWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.engine: GuidanceEngine | None = None
+        self.engine: GuidanceProcess | None = None
         self._worker: Any = None  # the play loop or a one-off step/open, one at a time
         self._playing = False
         self._shown: Published | None = None  # the result on screen
@@ -199,7 +200,7 @@ class GuidanceWidget(QWidget):
         mode = self.mode_combo.currentText()
         self.position_label.setText(f"opening {spec} …")
 
-        def opened(engine: GuidanceEngine) -> None:
+        def opened(engine: GuidanceProcess) -> None:
             self._replace_engine(engine)
             self._start_one_off(engine.seek, 0)
 
@@ -209,17 +210,11 @@ class GuidanceWidget(QWidget):
         self._run(worker)
 
     @staticmethod
-    def _open_and_warm(spec: str, model: str | None, mode: str) -> GuidanceEngine:
-        from usguide.demo import DemoScan
+    def _open_and_warm(spec: str, model: str | None, mode: str) -> GuidanceProcess:
+        # The pipeline runs in its own process: its Python never waits for napari's.
+        return GuidanceProcess.open(spec, model=model, mode=mode)
 
-        engine = GuidanceEngine.open(spec, model=model, mode=mode)
-        if isinstance(engine.source, DemoScan):
-            # Its frames are rendered, not decoded: render them all now, off the GUI thread,
-            # so playing leaves the CPU to the pipeline and the canvas.
-            engine.source.prerender()
-        return engine
-
-    def _replace_engine(self, engine: GuidanceEngine) -> None:
+    def _replace_engine(self, engine: GuidanceProcess) -> None:
         if self.engine is not None:
             self.engine.close()
         self.engine = engine
@@ -325,12 +320,12 @@ class GuidanceWidget(QWidget):
         self._run(worker)
 
     # -- layers --------------------------------------------------------------------------------
-    def _make_layers(self, engine: GuidanceEngine) -> None:
+    def _make_layers(self, engine: GuidanceProcess) -> None:
         """Create (or reuse) the usguide layers for this scan's frame size and scale."""
-        rows, cols = engine.source.shape
+        rows, cols = engine.shape
         spacing = engine.spacing_mm
         scale = (float(spacing[0]), float(spacing[1])) if spacing else (1.0, 1.0)
-        first = engine.source.read(0).pixels
+        first = engine.read_pixels(0)
         viewer = self.viewer
         existing = {layer.name: layer for layer in viewer.layers}
 
