@@ -27,6 +27,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_usguide._paths import path_row
+
 if TYPE_CHECKING:
     import napari
 
@@ -91,7 +93,9 @@ class AnnotationWidget(QWidget):
         form = QFormLayout()
         form.addRow("annotator", self.annotator_edit)
         form.addRow("frames", self.count_spin)
-        form.addRow("dataset", self.folder_edit)
+        form.addRow(
+            "dataset", path_row(self, self.folder_edit, folder=True, caption="Dataset folder")
+        )
         edit_row = QHBoxLayout()
         for b in (self.pre_button, self.propagate_button, self.undo_button):
             edit_row.addWidget(b)

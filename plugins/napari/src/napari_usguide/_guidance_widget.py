@@ -26,7 +26,6 @@ import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -38,6 +37,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_usguide._engine import DEMO, MODES, GuidanceProcess, Published
+from napari_usguide._paths import path_row
 from napari_usguide._reader import layers_have_units
 
 if TYPE_CHECKING:
@@ -111,12 +111,7 @@ class GuidanceWidget(QWidget):
     def _build(self) -> None:
         self.source_edit = QLineEdit()
         self.source_edit.setPlaceholderText("demo (or a DICOM cine, video, image folder)")
-        browse = QPushButton("…")
-        browse.setToolTip("Choose a scan file")
-        browse.clicked.connect(self._browse)
-        source_row = QHBoxLayout()
-        source_row.addWidget(self.source_edit)
-        source_row.addWidget(browse)
+        source_row = path_row(self, self.source_edit, folder=False, caption="Open a scan")
 
         self.model_edit = QLineEdit()
         self.model_edit.setPlaceholderText("the shipped usguide-seg model")
@@ -174,11 +169,6 @@ class GuidanceWidget(QWidget):
         meta = getattr(layer, "metadata", {}).get("usguide") if layer is not None else None
         if meta and meta.get("source"):
             self.source_edit.setText(str(meta["source"]))
-
-    def _browse(self) -> None:  # pragma: no cover - a modal dialog
-        path, _ = QFileDialog.getOpenFileName(self, "Open a scan")
-        if path:
-            self.source_edit.setText(path)
 
     def _set_enabled(self) -> None:
         busy = self._worker is not None and not self._playing

@@ -21,6 +21,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_usguide._paths import path_row
+
 if TYPE_CHECKING:
     import napari
 
@@ -68,9 +70,14 @@ class TrainingWidget(QWidget):
         self.result_label.setWordWrap(True)
 
         form = QFormLayout()
-        form.addRow("recording", self.source_edit)
+        form.addRow(
+            "recording", path_row(self, self.source_edit, folder=False, caption="Open a recording")
+        )
         form.addRow("trainee", self.trainee_edit)
-        form.addRow("session folder", self.session_edit)
+        form.addRow(
+            "session folder",
+            path_row(self, self.session_edit, folder=True, caption="Session summary folder"),
+        )
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.place_button)
