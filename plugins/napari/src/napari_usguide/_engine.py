@@ -116,17 +116,25 @@ def open_scan(spec: str | os.PathLike[str]) -> SeekableSource:
     return source
 
 
-class _Playback:
-    """What both engines share: frame bookkeeping, the newest result, stepping and playing.
-
-    A subclass provides :meth:`process` (which calls :meth:`_published`), ``frame_count`` and
-    ``frame_time_s``.
-    """
+@dataclass(frozen=True, slots=True)
+class ScanInfo:
+    """What the parent needs to know of the scan a child process plays."""
 
     frame_count: int
     frame_time_s: float | None
+    spacing_mm: tuple[float, float] | None
+    shape: tuple[int, int]
 
-    def __init__(self) -> None:
+
+class _Playback:
+    """What both engines share: the scan's facts, frame bookkeeping, the newest result,
+    stepping and playing.
+
+    A subclass provides :meth:`process`, which calls :meth:`_published`.
+    """
+
+    def __init__(self, info: ScanInfo) -> None:
+        self.info = info
         self.next_index = 0
         self.source_skipped = 0  # frames real-time playback left out to keep time
         self.process_ms: collections.deque[float] = collections.deque(maxlen=60)  # stages, ms
@@ -143,6 +151,23 @@ class _Playback:
         with self._newest_lock:
             self._newest = published
         return published
+
+    @property
+    def frame_count(self) -> int:
+        return self.info.frame_count
+
+    @property
+    def frame_time_s(self) -> float | None:
+        return self.info.frame_time_s
+
+    @property
+    def spacing_mm(self) -> tuple[float, float] | None:
+        return self.info.spacing_mm
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, columns)`` of the scan's frames."""
+        return self.info.shape
 
     @property
     def at_end(self) -> bool:
@@ -210,7 +235,9 @@ class GuidanceEngine(_Playback):
     def __init__(
         self, source: SeekableSource, pipeline: Pipeline, *, segment_ahead: bool = False
     ) -> None:
-        super().__init__()
+        super().__init__(
+            ScanInfo(source.frame_count, source.frame_time_s, source.spacing_mm, source.shape)
+        )
         self.source = source
         self.pipeline = pipeline
         # Held while a frame is processed and while targets are edited: the GUI edits targets
@@ -261,23 +288,6 @@ class GuidanceEngine(_Playback):
         return cls(source, pipeline)
 
     # -- what it plays -------------------------------------------------------------------------
-    @property
-    def frame_count(self) -> int:
-        return self.source.frame_count
-
-    @property
-    def frame_time_s(self) -> float | None:
-        return self.source.frame_time_s
-
-    @property
-    def spacing_mm(self) -> tuple[float, float] | None:
-        return self.source.spacing_mm
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(rows, columns)`` of the scan's frames."""
-        return self.source.shape
-
     def read_pixels(self, index: int) -> np.ndarray:
         """Frame ``index``'s pixels, without processing it."""
         return self.source.read(index).pixels
@@ -382,16 +392,6 @@ class GuidanceEngine(_Playback):
         self.source.close()
 
 
-@dataclass(frozen=True, slots=True)
-class ScanInfo:
-    """What the parent needs to know of the scan a child process plays."""
-
-    frame_count: int
-    frame_time_s: float | None
-    spacing_mm: tuple[float, float] | None
-    shape: tuple[int, int]
-
-
 # The calls a GuidanceProcess forwards to its child's GuidanceEngine.
 _REMOTE_CALLS = frozenset(
     {"process", "seek", "restart", "read_pixels"}
@@ -420,8 +420,7 @@ def _serve(conn: Any, spec: str, model: str | None, mode: str, threads: int | No
         conn.close()
         return
     try:
-        info = ScanInfo(engine.frame_count, engine.frame_time_s, engine.spacing_mm, engine.shape)
-        conn.send(("ok", info))
+        conn.send(("ok", engine.info))
         while True:
             try:
                 name, args = conn.recv()
@@ -452,10 +451,9 @@ class GuidanceProcess(_Playback):
     """
 
     def __init__(self, process: subprocess.Popen[bytes], conn: Any, info: ScanInfo) -> None:
-        super().__init__()
+        super().__init__(info)
         self._process = process
         self._conn = conn
-        self._info = info
         self._call_lock = threading.Lock()
         self._closed = False
 
@@ -527,22 +525,6 @@ class GuidanceProcess(_Playback):
         return value
 
     # -- what it plays -------------------------------------------------------------------------
-    @property
-    def frame_count(self) -> int:
-        return self._info.frame_count
-
-    @property
-    def frame_time_s(self) -> float | None:
-        return self._info.frame_time_s
-
-    @property
-    def spacing_mm(self) -> tuple[float, float] | None:
-        return self._info.spacing_mm
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self._info.shape
-
     def read_pixels(self, index: int) -> np.ndarray:
         return self._call("read_pixels", index)
 
