@@ -199,6 +199,53 @@ def test_sector_fan_gives_its_bounding_box() -> None:
     assert all(abs(f - e) <= 2 for f, e in zip(found, expected, strict=True)), (found, expected)
 
 
+def test_flat_canvas_beside_the_image_is_left_out() -> None:
+    # Some scanners draw the image on a flat canvas one grey level above the black border, with
+    # depth ticks on the frame edge (16 DL_Track frames): the canvas beside the tissue is not
+    # image, even though a flat area at that level below tissue (a fan's floor) is.
+    img = np.zeros((652, 800), np.uint8)
+    img[130:630, 30:640] = 1
+    box = (104, 130, 541, 597)
+    img[box[1] : box[3] + 1, box[0] : box[2] + 1] = _speckle(468, 438, seed=4)
+    for y in range(130, 620, 47):
+        img[y : y + 2, 0:9] = 200
+    found = find_imaging_region(img)
+    assert found is not None
+    assert abs(found[0] - box[0]) <= 2 and abs(found[2] - box[2]) <= 2, found
+    # The canvas below the tissue stays: it cannot be told from a fan's floor.
+    assert box[1] - 2 <= found[1] and found[3] <= 629, found
+
+
+def test_echo_free_tissue_beside_tissue_is_kept() -> None:
+    # An acoustic shadow beside tissue (USGRA-Seg 0070): flat at one grey level above black over
+    # most of its depth, but the skin line and reverberations above it are echoes: it is image.
+    img = np.zeros((480, 640), np.uint8)
+    box = (60, 20, 579, 459)
+    img[box[1] : box[3] + 1, box[0] : box[2] + 1] = 1
+    img[20:460, 60:330] = _speckle(440, 270, seed=5)
+    img[20:26, 60:580] = 220
+    img[40:43, 330:580] = 120
+    found = find_imaging_region(img)
+    assert found is not None
+    assert all(abs(f - e) <= 2 for f, e in zip(found, box, strict=True)), (found, box)
+
+
+def test_flat_floor_below_a_fan_is_kept() -> None:
+    # Palette sector: tissue near the probe, then the fan's echo-free far field one grey level
+    # above the black border, down to the end of the fan.
+    img = np.zeros((420, 560), np.uint8)
+    fan = np.zeros_like(img)
+    cv2.ellipse(fan, (280, 15), (390, 390), 90, -40, 40, 255, -1)
+    img[fan > 0] = 1
+    near = (fan > 0) & (np.arange(420)[:, None] < 160)
+    img[near] = _speckle(*img.shape, seed=2)[near]
+    ys, xs = np.nonzero(fan)
+    expected = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+    found = find_imaging_region(img)
+    assert found is not None
+    assert all(abs(f - e) <= 3 for f, e in zip(found, expected, strict=True)), (found, expected)
+
+
 def test_plain_image_filling_the_frame() -> None:
     img = _speckle(300, 400, seed=2)
     assert find_imaging_region(img) == (0, 0, 399, 299)

@@ -15,7 +15,8 @@ How, in short (all on a grey copy shrunk by a whole factor to at most ~250k pixe
 3. Morphological opening with a disk of ~3.5 % of the frame removes text, ticks and lines; the
    largest blob (and a twin of similar size beside it, for dual views) is the image. Corners
    the disk rounded off come back, and text blocks stuck onto an edge are cut off by their
-   row / column occupancy profile. The box is scaled back to the full frame.
+   row / column occupancy profile. A flat canvas beside the tissue (not below it, where a fan's
+   floor would be) is cut off too. The box is scaled back to the full frame.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ _TWIN_FRACTION = 0.3
 # to the next is abrupt; a run of lines is UI when at least this share of it is near background.
 _STEP = 0.15
 _HOLLOW = 0.3
+# Side canvas: a 3x3 grey range of at least this is texture; a row (column) with this share of
+# texture holds tissue; a column flat at a canvas level on this share of the tissue rows is canvas
+# (an echo anywhere down the column, such as the skin line above a shadow, makes it image).
+_TEXTURE_RANGE = 4
+_TISSUE_SHARE = 0.3
+_CANVAS_SHARE = 0.98
 # Frames smaller than this (either side) hold no plausible imaging area.
 _MIN_SIDE = 16
 
@@ -138,6 +145,7 @@ def find_imaging_region(
     box = _trimmed_box(region, near_background)
     if box is None:
         return None
+    box = _without_side_canvas(box, small, near_background)
     x0, y0, x1, y1 = _to_full(box, f, (h, w), width, height)
     if (x1 - x0 + 1) * (y1 - y0 + 1) < min_fraction * width * height:
         return None
@@ -371,6 +379,37 @@ def _trimmed_box(
     y0, y1 = _trim_profile(rows[y0 : y1 + 1], hollow_rows[y0 : y1 + 1], y0)
     x0, x1 = _trim_profile(cols[x0 : x1 + 1], hollow_cols[x0 : x1 + 1], x0)
     return x0, y0, x1, y1
+
+
+def _without_side_canvas(
+    box: tuple[int, int, int, int], small: np.ndarray, near_background: np.ndarray
+) -> tuple[int, int, int, int]:
+    """Drop the flat canvas left and right of the image, at the depths that hold tissue.
+
+    Some scanners draw the image on a flat canvas a grey level above the black border. Flat areas
+    at such a level count as content, because a fan's floor (the echo-free far field of a sector)
+    looks the same; but a floor only ever lies below tissue, never beside it. So columns at either
+    side that are canvas over (nearly) all the rows where tissue is are cut, up to the last of
+    them. A shadow beside tissue keeps its skin line and reverberations, so it stays.
+    """
+    x0, y0, x1, y1 = box
+    view = np.s_[y0 : y1 + 1, x0 : x1 + 1]
+    grad = cv2.morphologyEx(small, cv2.MORPH_GRADIENT, _SQUARE3)[view]
+    textured = grad >= _TEXTURE_RANGE
+    tissue_rows = textured.mean(1) >= _TISSUE_SHARE
+    if not tissue_rows.any():
+        return box
+    canvas = (grad <= 1) & (near_background[view] > 0) & (small[view] > int(small.min()))
+    canvas_cols = canvas[tissue_rows].mean(0) >= _CANVAS_SHARE
+    tissue_cols = np.flatnonzero(textured[tissue_rows].mean(0) >= _TISSUE_SHARE)
+    if tissue_cols.size == 0:
+        return box
+    first, last = int(tissue_cols[0]), int(tissue_cols[-1])
+    left = np.flatnonzero(canvas_cols[:first])
+    right = np.flatnonzero(canvas_cols[last + 1 :])
+    new_x0 = x0 + (int(left[-1]) + 1 if left.size else 0)
+    new_x1 = x1 - ((canvas_cols.size - last - 1) - int(right[0]) if right.size else 0)
+    return new_x0, y0, new_x1, y1
 
 
 def _trim_profile(profile: np.ndarray, hollow: np.ndarray, offset: int) -> tuple[int, int]:
