@@ -129,6 +129,7 @@ def test_no_needle_is_never_visible(segmenter, scan):
     frames = [im for im, _ in needle_sequence(image, 40, rng, region=box, phases=[("absent", 40)])]
     states = track(segmenter, frames, box)
     assert not any(s.visible for s in states)
+    assert not any(s.shaft_visible for s in states)  # no needle present either
     assert all(s.tip_xy is None and s.confidence == 0.0 for s in states)
 
 
@@ -148,7 +149,9 @@ def test_calibrated_frames_report_mm(segmenter, scan):
     assert s.inserted_length_mm is not None and s.inserted_length_mm > 0
 
 
-def detection(x: float, y: float, confidence: float = 0.9) -> NeedleDetection:
+def detection(
+    x: float, y: float, confidence: float = 0.9, in_plane: bool = True
+) -> NeedleDetection:
     return NeedleDetection(
         tip_xy=(x, y),
         entry_xy=(0.0, 0.0),
@@ -160,9 +163,25 @@ def detection(x: float, y: float, confidence: float = 0.9) -> NeedleDetection:
         model_support=1.0,
         model_width_mm=0.8,
         wander_px=0.5,
-        tip_in_plane=True,
+        tip_in_plane=in_plane,
         confidence=confidence,
     )
+
+
+def test_needle_present_is_told_apart_from_tip_visible():
+    # A confident shaft whose end fades out of plane: the needle is there, its tip is not seen.
+    # A weak detection is neither.
+    tracker = NeedleTracker(NeedleConfig(confirm_frames=1))
+    box = (0, 0, 639, 479)
+    blank = np.zeros((480, 640), np.uint8)
+    faded = tracker.update(detection(100.0, 100.0, in_plane=False), frame_of(blank, 0, box))
+    assert faded.shaft_visible and not faded.visible and faded.tip_xy is None
+    weak = tracker.update(detection(100.0, 100.0, confidence=0.2), frame_of(blank, 1, box))
+    assert not weak.shaft_visible and not weak.visible
+    seen = tracker.update(detection(100.0, 100.0), frame_of(blank, 2, box))
+    assert seen.shaft_visible and seen.visible
+    coasting = tracker.update(None, frame_of(blank, 3, box))
+    assert coasting.visible and coasting.shaft_visible
 
 
 def test_one_false_detection_causes_no_jump():

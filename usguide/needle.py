@@ -184,7 +184,8 @@ class NeedleState:
         The same in pixels.
     side : "left", "right" or None
     shaft_visible : bool
-        A shaft is detected in this frame, whether or not its tip is in plane.
+        A needle is seen in this frame: a shaft detected with at least ``min_confidence``,
+        whether or not its tip is in plane, or a tip being tracked. The needle-present answer.
     confidence : float
         0 to 1; decays while coasting.
     status : str
@@ -646,7 +647,7 @@ class NeedleTracker:
         spacing = _frame_spacing(frame)
         mm_per_px = math.sqrt(spacing[0] * spacing[1]) if spacing else cfg.nominal_spacing_mm
         gate_px = cfg.gate_mm / mm_per_px
-        shaft_visible = detection is not None
+        shaft_visible = detection is not None and detection.confidence >= cfg.min_confidence
         usable = detection if detection is not None and detection.tip_in_plane else None
         updated = False
         if self._state is not None:
@@ -718,7 +719,7 @@ class NeedleTracker:
             inserted_length_mm=length_mm,
             inserted_length_px=length_px,
             side=self._last.side,
-            shaft_visible=shaft_visible,
+            shaft_visible=True,
             confidence=float(confidence),
             status="tracking" if updated else "coasting",
             entry_xy=(float(entry[0]), float(entry[1])),
