@@ -39,6 +39,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     dice_weight: float = 1.0
     needle_probability: float = 0.5
+    # Shortest rendered shaft: a needle just through the skin shows a few mm, and the model must
+    # see it then (1.3.0 and before drew 8 mm and longer only, and missed short shafts).
+    needle_min_length_mm: float = 8.0
     val_fraction: float = 0.2
     datasets: tuple[str, ...] = ("usgra-seg", "dltrack-apo")
     channels: tuple[int, int, int, int] = (16, 32, 64, 128)
@@ -115,14 +118,14 @@ def load_samples(config: TrainConfig, log: Log) -> tuple[list[Prepared], list[Pr
 
 
 def with_needle(
-    sample: Prepared, rng: np.random.Generator, size: tuple[int, int]
+    sample: Prepared, rng: np.random.Generator, size: tuple[int, int], min_length_mm: float = 8.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """The sample with a needle rendered at the image's own resolution (as a real needle is
     imaged), then brought to input ``size``: image and mask (needle class where drawn)."""
     from usguide.data.augment import resize_pair
     from usguide.data.needle_render import random_pose, render_needle
 
-    pose = random_pose(sample.native_image.shape, rng)
+    pose = random_pose(sample.native_image.shape, rng, min_length_mm=min_length_mm)
     rendered = render_needle(sample.native_image, pose, rng=rng)
     mask = sample.native_mask.copy()
     mask[rendered.mask] = NEEDLE
@@ -150,7 +153,9 @@ class Batches:
             for i in order[start : start + bs]:
                 s = self.samples[i]
                 if rng.random() < self.config.needle_probability:
-                    image, mask = with_needle(s, rng, self.config.input_size)
+                    image, mask = with_needle(
+                        s, rng, self.config.input_size, self.config.needle_min_length_mm
+                    )
                 else:
                     image, mask = s.image, s.mask
                 image, mask = self.augment(image, mask, rng)
