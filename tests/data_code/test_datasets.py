@@ -373,6 +373,15 @@ def test_real_split(which: str, request) -> None:
     assert len(results) == 4, "different seeds give different splits"
 
 
+# Table groups the pixels alone do not rebuild. Before the imaging-region fix the shared black
+# canvas of these 800x652 frames made them look alike; their tissue differs more (field widths
+# 380-440 px), so only the file order and the table keep them together, which is the safe side.
+_NOT_FROM_PIXELS = {
+    "usgra": set(),
+    "apo": {"dltrack-apo/img_00075", "dltrack-apo/img_00130"},
+}
+
+
 @pytest.mark.parametrize("which", ["usgra", "apo"])
 def test_content_grouping_reproduces_the_tables(which: str, request) -> None:
     ds, samples = request.getfixturevalue(which)
@@ -382,7 +391,10 @@ def test_content_grouping_reproduces_the_tables(which: str, request) -> None:
     table = collections.defaultdict(set)
     for name, g in zip(ds.names, ds.groups, strict=True):
         table[g].add(name)
-    multi = [m for m in table.values() if len(m) > 1]
-    reproduced = sum(m in found.values() for m in multi)
-    # Tolerant: the tables stay the split's source of truth; this guards the method's drift.
-    assert reproduced >= 0.9 * len(multi)
+    group_of = dict(zip(ds.names, ds.groups, strict=True))
+    # Never joins two scans the tables keep apart ...
+    assert all(len({group_of[n] for n in members}) == 1 for members in found.values())
+    # ... and rebuilds every table group but the known ones (the tables stay the split's source
+    # of truth; this guards the method's drift).
+    missed = {min(m) for m in table.values() if len(m) > 1 and m not in found.values()}
+    assert missed <= _NOT_FROM_PIXELS[which]
