@@ -52,3 +52,29 @@ def test_tiny_training_run_exports_a_working_model(tmp_path: Path) -> None:
     labels = seg(np.random.default_rng(0).integers(0, 255, (100, 120), np.uint8))
     assert labels.shape == (100, 120)
     assert (tmp_path / "model" / "metadata.json").exists()
+
+
+def test_needle_settings_reach_the_renders(tmp_path: Path) -> None:
+    from usguide.training.train import Prepared, with_needle
+
+    toml = tmp_path / "train.toml"
+    toml.write_text("needle_angle_range_deg = [3.0, 6.0]\nneedle_min_length_mm = 20.0\n")
+    config = TrainConfig.from_toml(toml)
+    assert config.needle_angle_range_deg == (3.0, 6.0)
+    native = np.full((300, 300), 60, np.uint8)
+    sample = Prepared(
+        native[:64, :64], native[:64, :64] * 0, np.ones(5, bool), "flat", native, 0 * native
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        _, mask = with_needle(
+            sample, rng, (150, 150), config.needle_min_length_mm, config.needle_angle_range_deg
+        )
+        rows, cols = np.nonzero(mask == 4)
+        # Principal axis of the drawn shaft (half-size square: angles are kept).
+        cov = np.cov(np.stack([cols, rows]).astype(float))
+        _, v = np.linalg.eigh(cov)
+        angle = np.degrees(np.arctan2(abs(v[1, 1]), abs(v[0, 1])))
+        assert angle < 9.0  # 3-6 degrees drawn, a few px of shaft width allowed
+        # 20 mm at 0.1 mm/px, halved; random_pose may shorten it by a few % when a pose misfits.
+        assert cols.max() - cols.min() >= 0.8 * 0.5 * 20.0 / 0.1

@@ -42,6 +42,9 @@ class TrainConfig:
     # Shortest rendered shaft: a needle just through the skin shows a few mm, and the model must
     # see it then (1.3.0 and before drew 8 mm and longer only, and missed short shafts).
     needle_min_length_mm: float = 8.0
+    # Angles to the probe surface of rendered needles. Shallow needles lie along the fascia
+    # planes and must be told apart from them (1.3.0 drew 10-60 degrees and missed below 15).
+    needle_angle_range_deg: tuple[float, float] = (10.0, 60.0)
     val_fraction: float = 0.2
     datasets: tuple[str, ...] = ("usgra-seg", "dltrack-apo")
     channels: tuple[int, int, int, int] = (16, 32, 64, 128)
@@ -63,7 +66,7 @@ class TrainConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{path}: unknown settings {unknown}")
-        for key in ("input_size", "datasets", "channels", "depth"):
+        for key in ("input_size", "datasets", "channels", "depth", "needle_angle_range_deg"):
             if key in raw:
                 raw[key] = tuple(raw[key])
         return cls(**raw)
@@ -118,14 +121,20 @@ def load_samples(config: TrainConfig, log: Log) -> tuple[list[Prepared], list[Pr
 
 
 def with_needle(
-    sample: Prepared, rng: np.random.Generator, size: tuple[int, int], min_length_mm: float = 8.0
+    sample: Prepared,
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    min_length_mm: float = 8.0,
+    angle_range_deg: tuple[float, float] = (10.0, 60.0),
 ) -> tuple[np.ndarray, np.ndarray]:
     """The sample with a needle rendered at the image's own resolution (as a real needle is
     imaged), then brought to input ``size``: image and mask (needle class where drawn)."""
     from usguide.data.augment import resize_pair
     from usguide.data.needle_render import random_pose, render_needle
 
-    pose = random_pose(sample.native_image.shape, rng, min_length_mm=min_length_mm)
+    pose = random_pose(
+        sample.native_image.shape, rng, min_length_mm=min_length_mm, angle_range_deg=angle_range_deg
+    )
     rendered = render_needle(sample.native_image, pose, rng=rng)
     mask = sample.native_mask.copy()
     mask[rendered.mask] = NEEDLE
@@ -154,7 +163,11 @@ class Batches:
                 s = self.samples[i]
                 if rng.random() < self.config.needle_probability:
                     image, mask = with_needle(
-                        s, rng, self.config.input_size, self.config.needle_min_length_mm
+                        s,
+                        rng,
+                        self.config.input_size,
+                        self.config.needle_min_length_mm,
+                        self.config.needle_angle_range_deg,
                     )
                 else:
                     image, mask = s.image, s.mask
