@@ -20,6 +20,8 @@ Figures:
   speck no one could call a needle; such frames count as absent);
 - tip visible vs not, the stricter figure: recall and precision of ``visible`` against the
   truth's ``tip_visible`` (a needle whose tip has left the plane must not show a tip);
+- needle-in-image recall by insertion angle and by kind of scan (frames in brackets), to show
+  where the misses are;
 - frames to pick the tip up again after it was invisible for at least 3 frames;
 - cost of detection and tracking per 640 x 480 frame (segmentation excluded), 2 threads.
 """
@@ -45,6 +47,8 @@ from usguide.segment import DEFAULT_MODEL, Segmenter
 REPO = Path(__file__).resolve().parents[1]
 WRONG_MM = 2.0  # a reported tip further than this from the truth is on the wrong structure
 MIN_DRAWN_MM = 2.5  # shortest drawn shaft that counts as a needle in the image
+ANGLE_BINS = {"< 15 deg": (0.0, 15.0), "15-50 deg": (15.0, 50.0), ">= 50 deg": (50.0, 90.0)}
+SCANS = {"UsgraSeg": "nerve-block scans", "DlTrackApo": "muscle scans"}
 
 
 def sequences(
@@ -74,8 +78,11 @@ def run(model: str, root: str | None, n_per_set: int, n_frames: int, seed: int) 
     tip_err, angle_err, reacquire = [], [], []
     tp = fp = fn = tn = wrong = 0
     present_tp = present_fp = present_fn = 0
+    # Needle-in-image frames and those found, by insertion angle and by kind of scan.
+    found_by: dict[str, list[int]] = {k: [0, 0] for k in (*ANGLE_BINS, *SCANS.values())}
     misses = 0
-    for _name, frames, truths, box in sequences(root, n_per_set, n_frames, seed):
+    for name, frames, truths, box in sequences(root, n_per_set, n_frames, seed):
+        scan = SCANS[name.split("/")[0]]
         segmenter.reset()
         stage.reset()
         invisible_run, waiting_since = 0, None
@@ -91,6 +98,10 @@ def run(model: str, root: str | None, n_per_set: int, n_frames: int, seed: int) 
             present_tp += in_image and state.shaft_visible
             present_fn += in_image and not state.shaft_visible
             present_fp += state.shaft_visible and not in_image
+            if in_image and truth.angle_deg is not None:
+                for key in (_angle_bin(truth.angle_deg), scan):
+                    found_by[key][0] += 1
+                    found_by[key][1] += state.shaft_visible
             err = None
             if state.visible and truth.tip_visible:
                 err = float(np.hypot(*np.subtract(state.tip_xy, truth.tip_xy)))
@@ -142,7 +153,16 @@ def run(model: str, root: str | None, n_per_set: int, n_frames: int, seed: int) 
         "reacquire_p90": float(np.percentile(reacquire, 90)) if reacquire else float("nan"),
         "reacquire_events": len(reacquire) + misses,
         "reacquire_missed": misses,
+        "present_recall_by": {k: f / max(n, 1) for k, (n, f) in found_by.items()},
+        "present_frames_by": {k: n for k, (n, _) in found_by.items()},
     }
+
+
+def _angle_bin(angle_deg: float) -> str:
+    for key, (lo, hi) in ANGLE_BINS.items():
+        if lo <= angle_deg < hi:
+            return key
+    return next(reversed(ANGLE_BINS))
 
 
 def cost(model: str, root: str | None, n_frames: int, seed: int) -> dict:
@@ -205,6 +225,21 @@ def main() -> None:
             f"needle in the image (>= {MIN_DRAWN_MM} mm drawn) vs absent: recall / precision",
             f"{r['present_recall']:.3f} / {r['present_precision']:.3f}",
             ">= 0.98 / >= 0.98",
+        ),
+        (
+            "needle-in-image recall by angle (" + " / ".join(ANGLE_BINS) + ")",
+            " / ".join(
+                f"{r['present_recall_by'][k]:.2f} ({r['present_frames_by'][k]})" for k in ANGLE_BINS
+            ),
+            "report",
+        ),
+        (
+            "needle-in-image recall by scan (" + " / ".join(SCANS.values()) + ")",
+            " / ".join(
+                f"{r['present_recall_by'][k]:.2f} ({r['present_frames_by'][k]})"
+                for k in SCANS.values()
+            ),
+            "report",
         ),
         (
             "tip visible vs not: recall / precision",
