@@ -68,7 +68,11 @@ def test_needle_settings_reach_the_renders(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for _ in range(5):
         _, mask = with_needle(
-            sample, rng, (150, 150), config.needle_min_length_mm, config.needle_angle_range_deg
+            sample,
+            rng,
+            (150, 150),
+            min_length_mm=config.needle_min_length_mm,
+            angle_range_deg=config.needle_angle_range_deg,
         )
         rows, cols = np.nonzero(mask == 4)
         # Principal axis of the drawn shaft (half-size square: angles are kept).
