@@ -570,6 +570,13 @@ def random_visibility(rng: np.random.Generator, n: int = 33) -> np.ndarray:
     return np.exp(-0.5 * e * e)
 
 
+def random_appearance(rng: np.random.Generator) -> dict[str, float]:
+    """Random ``reverb``, ``shadow`` and ``brightness`` for :func:`render_needle`: needles differ
+    in gauge, coating and tissue above them, so one fixed look would teach a model one needle."""
+    reverb, shadow = rng.uniform(0.3, 0.6), rng.uniform(0.0, 0.25)
+    return {"reverb": reverb, "shadow": shadow, "brightness": rng.uniform(0.9, 1.05)}
+
+
 def random_pose(
     shape: tuple[int, int],
     rng: np.random.Generator,
@@ -800,8 +807,7 @@ def needle_sequence(
         signal(2 * fps) * shift_amp,
         signal(2 * fps) * rot_amp,
     )
-    reverb, shadow = rng.uniform(0.3, 0.6), rng.uniform(0.0, 0.25)
-    brightness = rng.uniform(0.9, 1.05)
+    appearance = random_appearance(rng)
     s_grid = np.linspace(0.0, 1.0, 17)
 
     min_len = max(6.0, 3.0 / spacing)
@@ -862,8 +868,7 @@ def needle_sequence(
         )
         # Shadow and reverberations stop at the imaging region; the interface around it stays.
         drawn = render_needle(
-            background, pose, rng=rng, spacing_mm=spacing, brightness=brightness,
-            reverb=reverb, shadow=shadow, region=box,
+            background, pose, rng=rng, spacing_mm=spacing, region=box, **appearance
         )  # fmt: skip
         truth = NeedleTruth(True, pose.tip_xy, drawn.tip_visible, drawn.angle_deg, drawn.mask, pose)
         yield drawn.image, truth

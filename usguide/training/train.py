@@ -123,12 +123,13 @@ def with_needle(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The sample with a needle rendered at the image's own resolution (as a real needle is
     imaged), then brought to input ``size``: image and mask (needle class where drawn).
-    ``pose_options`` go to :func:`usguide.data.needle_render.random_pose`."""
+    ``pose_options`` go to :func:`usguide.data.needle_render.random_pose`; the needle's look
+    (brightness, reverberations, shadow) is drawn as in the benchmark's sequences."""
     from usguide.data.augment import resize_pair
-    from usguide.data.needle_render import random_pose, render_needle
+    from usguide.data.needle_render import random_appearance, random_pose, render_needle
 
     pose = random_pose(sample.native_image.shape, rng, **pose_options)
-    rendered = render_needle(sample.native_image, pose, rng=rng)
+    rendered = render_needle(sample.native_image, pose, rng=rng, **random_appearance(rng))
     mask = sample.native_mask.copy()
     mask[rendered.mask] = NEEDLE
     return resize_pair(rendered.image, mask, size)
