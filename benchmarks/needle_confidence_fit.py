@@ -1,14 +1,19 @@
-"""Fit the needle detector's confidence (a logistic model) on rendered sequences of the training
-split, and print the weights for ``NeedleConfig.confidence_weights``.
+"""Fit the needle detector's two confidences (logistic models) on rendered sequences of the
+training split, and print the weights for ``NeedleConfig.confidence_weights`` and
+``NeedleConfig.shaft_confidence_weights``.
 
 Usage::
 
     python benchmarks/needle_confidence_fit.py [--model PATH] [--sequences 20] [--frames 60]
 
-A detection is a positive when the tip is truly visible and the detected tip lies within 1 mm of
-the truth (at the nominal 0.1 mm per pixel); everything else the detector returns (no needle,
-tip out of plane, wrong structure) is a negative. The validation split is never used here:
-``benchmarks/needle_tracking.py`` measures on it.
+- Tip confidence: a detection is a positive when the tip is truly visible and the detected tip
+  lies within 1 mm of the truth (at the nominal 0.1 mm per pixel); everything else the detector
+  returns (no needle, tip out of plane, wrong structure) is a negative.
+- Shaft confidence: a positive when a needle is in the image (as ``needle_tracking.py`` counts
+  it) and at least half of the detected shaft lies within 1 mm of the drawn needle, tip in plane
+  or not; a line on anything else is a negative.
+
+The validation split is never used here: ``benchmarks/needle_tracking.py`` measures on it.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+import cv2
 import numpy as np
-from needle_tracking import sequences
+from needle_tracking import needle_in_image, sequences
 
 from usguide.data.needle_render import DEFAULT_SPACING_MM
 from usguide.frame import Frame, Region
-from usguide.needle import NeedleConfig, NeedleDetector, detection_features
+from usguide.needle import NeedleConfig, NeedleDetection, NeedleDetector, detection_features
 from usguide.segment import DEFAULT_MODEL, Segmenter
 
 
@@ -38,6 +44,31 @@ def logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 50
     return w
 
 
+def on_needle(detection: NeedleDetection, drawn: np.ndarray, mm_per_px: float) -> bool:
+    """At least half of the detected shaft (tip back along its visible length) lies within 1 mm
+    of the drawn needle."""
+    r = max(1, round(1.0 / mm_per_px))
+    near = cv2.dilate(drawn.astype(np.uint8), np.ones((2 * r + 1, 2 * r + 1), np.uint8)) > 0
+    tip, entry = np.array(detection.tip_xy), np.array(detection.entry_xy)
+    axis = (tip - entry) / max(float(np.hypot(*(tip - entry))), 1e-9)
+    points = tip - np.linspace(0.0, detection.visible_length_px, 40)[:, None] * axis
+    x = np.clip(np.round(points[:, 0]).astype(int), 0, near.shape[1] - 1)
+    y = np.clip(np.round(points[:, 1]).astype(int), 0, near.shape[0] - 1)
+    return bool(near[y, x].mean() >= 0.5)
+
+
+def report(name: str, x: np.ndarray, y: np.ndarray) -> None:
+    w = logistic_fit(x, y)
+    p = 1.0 / (1.0 + np.exp(-(x @ w)))
+    print(f"\n{name}: {len(y)} detections, {int(y.sum())} positives")
+    print(f"{name} = (" + ", ".join(f"{v:.3f}" for v in w) + ")")
+    for threshold in (0.3, 0.5, 0.7, 0.9):
+        keep = p >= threshold
+        precision = (y[keep].sum() / keep.sum()) if keep.any() else float("nan")
+        recall = y[keep].sum() / max(y.sum(), 1)
+        print(f"threshold {threshold}: precision {precision:.3f}, recall {recall:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -48,7 +79,8 @@ def main() -> None:
     args = parser.parse_args()
     segmenter = Segmenter(args.model)
     detector = NeedleDetector(replace(NeedleConfig()))
-    rows, labels = [], []
+    mm = DEFAULT_SPACING_MM
+    rows, tip_labels, shaft_labels = [], [], []
     for _, frames, truths, box in sequences(
         args.data, args.sequences, args.frames, args.seed, subset="train"
     ):
@@ -58,25 +90,19 @@ def main() -> None:
             d = detector(frame, segmenter(frame))
             if d is None:
                 continue
-            mm = DEFAULT_SPACING_MM
             rows.append(
                 detection_features(
                     d.model_support, d.model_width_mm, d.contrast, d.visible_length_px * mm,
                     d.end_ratio, d.wander_px * mm,
                 )
             )  # fmt: skip
-            good = truth.tip_visible and np.hypot(*np.subtract(d.tip_xy, truth.tip_xy)) * mm <= 1.0
-            labels.append(float(good))
-    x, y = np.array(rows), np.array(labels)
-    w = logistic_fit(x, y)
-    p = 1.0 / (1.0 + np.exp(-(x @ w)))
-    print(f"{len(y)} detections, {int(y.sum())} positives")
-    print("confidence_weights = (" + ", ".join(f"{v:.3f}" for v in w) + ")")
-    for threshold in (0.3, 0.5, 0.7, 0.9):
-        keep = p >= threshold
-        precision = (y[keep].sum() / keep.sum()) if keep.any() else float("nan")
-        recall = y[keep].sum() / max(y.sum(), 1)
-        print(f"threshold {threshold}: precision {precision:.3f}, recall {recall:.3f}")
+            tip_labels.append(
+                truth.tip_visible and np.hypot(*np.subtract(d.tip_xy, truth.tip_xy)) * mm <= 1.0
+            )
+            shaft_labels.append(needle_in_image(truth) and on_needle(d, truth.mask, mm))
+    x = np.array(rows)
+    report("confidence_weights", x, np.array(tip_labels, float))
+    report("shaft_confidence_weights", x, np.array(shaft_labels, float))
 
 
 if __name__ == "__main__":

@@ -150,7 +150,11 @@ def test_calibrated_frames_report_mm(segmenter, scan):
 
 
 def detection(
-    x: float, y: float, confidence: float = 0.9, in_plane: bool = True
+    x: float,
+    y: float,
+    confidence: float = 0.9,
+    in_plane: bool = True,
+    shaft_confidence: float | None = None,
 ) -> NeedleDetection:
     return NeedleDetection(
         tip_xy=(x, y),
@@ -165,6 +169,7 @@ def detection(
         wander_px=0.5,
         tip_in_plane=in_plane,
         confidence=confidence,
+        shaft_confidence=confidence if shaft_confidence is None else shaft_confidence,
     )
 
 
@@ -174,7 +179,11 @@ def test_needle_present_is_told_apart_from_tip_visible():
     tracker = NeedleTracker(NeedleConfig(confirm_frames=1))
     box = (0, 0, 639, 479)
     blank = np.zeros((480, 640), np.uint8)
-    faded = tracker.update(detection(100.0, 100.0, in_plane=False), frame_of(blank, 0, box))
+    # Its tip confidence is low (no tip), its shaft confidence high: the shaft decides.
+    faded = tracker.update(
+        detection(100.0, 100.0, confidence=0.1, in_plane=False, shaft_confidence=0.9),
+        frame_of(blank, 0, box),
+    )
     assert faded.shaft_visible and not faded.visible and faded.tip_xy is None
     weak = tracker.update(detection(100.0, 100.0, confidence=0.2), frame_of(blank, 1, box))
     assert not weak.shaft_visible and not weak.visible
@@ -227,3 +236,14 @@ def test_frames_without_a_needle_or_image_give_no_detection(segmenter):
     frame = frame_of(black, 0, (0, 0, 639, 479))
     assert stage.detector(frame, segmenter(frame)) is None
     assert stage.detector(frame_of(np.zeros((8, 8), np.uint8), 0, (0, 0, 7, 7)), None) is None
+
+
+def test_shaft_fading_out_of_plane_is_reported_present(segmenter, scan):
+    # The far part of the shaft fades out of the beam's plane: the needle is in the image though
+    # its tip is not, and the needle-present answer must say so.
+    image, box = scan
+    fade = np.array([1.0, 1.0, 1.0, 0.85, 0.6, 0.35, 0.1, 0.0])
+    frames, truths = straight_advance(image, box, n=12, visibility=lambda i: fade)
+    assert not any(t.tip_visible for t in truths)
+    states = track(segmenter, frames, box)
+    assert sum(s.shaft_visible for s in states) >= 0.8 * len(states)

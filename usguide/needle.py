@@ -56,7 +56,8 @@ class NeedleConfig:
         The model's needle pixels across a shaft never span more than this (18 G is 1.27 mm);
         a wider region is not a needle.
     min_confidence : float
-        Detections below this confidence are ignored.
+        Detections below this confidence are ignored: a tip below it is not tracked, a shaft
+        below this ``shaft_confidence`` is not reported as a needle.
     tip_ratio : float
         A shaft end whose last ``bevel_mm`` is dimmer than this fraction of the shaft before it
         is a shaft fading out of plane, not a tip.
@@ -87,7 +88,9 @@ class NeedleConfig:
     seed : int
         Seed of the RANSAC sampling: the same frames give the same answers.
     confidence_weights : tuple of float
-        Logistic weights of a detection's confidence over :func:`detection_features`.
+        Logistic weights of a detection's (tip) confidence over :func:`detection_features`.
+    shaft_confidence_weights : tuple of float
+        Logistic weights of a detection's shaft confidence over :func:`detection_features`.
     """
 
     min_length_mm: float = 2.5
@@ -111,6 +114,8 @@ class NeedleConfig:
     # Logistic weights over :func:`detection_features`, fitted on rendered sequences of the
     # training split by ``benchmarks/needle_confidence_fit.py``.
     confidence_weights: tuple[float, ...] = (-11.947, 5.716, 0.992, 1.337, 0.297, 5.337, -1.254)
+    # The same fit for "this line is the needle's shaft", tip in plane or not.
+    shaft_confidence_weights: tuple[float, ...] = (1.520, 6.567, 2.417, 0.113, -4.660, 0.955, -7.825)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +149,10 @@ class NeedleDetection:
     tip_in_plane : bool
         The shaft ends in a tip, not by fading out of the imaging plane.
     confidence : float
-        0 to 1.
+        0 to 1: how likely ``tip_xy`` is the needle's tip (within 1 mm).
+    shaft_confidence : float
+        0 to 1: how likely the line is a needle's shaft, whether or not its tip is in plane
+        (the needle-present answer; a shaft fading out of plane has a low ``confidence``).
     """
 
     tip_xy: tuple[float, float]
@@ -159,6 +167,7 @@ class NeedleDetection:
     wander_px: float
     tip_in_plane: bool
     confidence: float
+    shaft_confidence: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +193,9 @@ class NeedleState:
         The same in pixels.
     side : "left", "right" or None
     shaft_visible : bool
-        A needle is seen in this frame: a shaft detected with at least ``min_confidence``,
-        whether or not its tip is in plane, or a tip being tracked. The needle-present answer.
+        A needle is seen in this frame: a shaft detected with a ``shaft_confidence`` of at least
+        ``min_confidence``, whether or not its tip is in plane, or a tip being tracked. The
+        needle-present answer.
     confidence : float
         0 to 1; decays while coasting.
     status : str
@@ -522,8 +532,8 @@ class NeedleDetector:
         features = detection_features(
             support, model_width, contrast, length_px * mm_per_px, end_ratio, wander * mm_per_px
         )
-        logit = float(np.dot(cfg.confidence_weights, features))
-        confidence = 1.0 / (1.0 + math.exp(-logit))
+        confidence = _logistic(cfg.confidence_weights, features)
+        shaft_confidence = _logistic(cfg.shaft_confidence_weights, features)
         return NeedleDetection(
             tip_xy=(float(tip[0]), float(tip[1])),
             entry_xy=(float(entry[0]), float(entry[1])),
@@ -537,6 +547,7 @@ class NeedleDetector:
             wander_px=wander,
             tip_in_plane=end_ratio >= cfg.tip_ratio,
             confidence=confidence,
+            shaft_confidence=shaft_confidence,
         )
 
 
@@ -556,6 +567,10 @@ def detection_features(
         [1.0, support, min(model_width_mm, 1.5), contrast / 100.0, min(length_mm, 10.0) / 10.0,
          min(end_ratio, 1.2), wander_mm],
     )  # fmt: skip
+
+
+def _logistic(weights: tuple[float, ...], features: np.ndarray) -> float:
+    return 1.0 / (1.0 + math.exp(-float(np.dot(weights, features))))
 
 
 def _robust_line(t: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
@@ -647,7 +662,7 @@ class NeedleTracker:
         spacing = _frame_spacing(frame)
         mm_per_px = math.sqrt(spacing[0] * spacing[1]) if spacing else cfg.nominal_spacing_mm
         gate_px = cfg.gate_mm / mm_per_px
-        shaft_visible = detection is not None and detection.confidence >= cfg.min_confidence
+        shaft_visible = detection is not None and detection.shaft_confidence >= cfg.min_confidence
         usable = detection if detection is not None and detection.tip_in_plane else None
         updated = False
         if self._state is not None:
