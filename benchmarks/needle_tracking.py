@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 
 from usguide.data.datasets import DlTrackApo, UsgraSeg, split
-from usguide.data.needle_render import DEFAULT_SPACING_MM, needle_sequence
+from usguide.data.needle_render import DEFAULT_SPACING_MM, NeedleTruth, needle_sequence
 from usguide.frame import Frame, Region
 from usguide.imaging_region import find_imaging_region
 from usguide.needle import NeedleStage
@@ -54,12 +54,17 @@ SCANS = {"UsgraSeg": "nerve-block scans", "DlTrackApo": "muscle scans"}
 def sequences(
     root: str | None, n_per_set: int, n_frames: int, seed: int, subset: str = "validation"
 ):
-    """(name, frames, truths, region) per sequence, from images of one split of both sets."""
+    """(name, frames, truths, region) per sequence, from images of one split of both sets.
+
+    Every image of the split is used once before any is used again (with another needle)."""
     rng = np.random.default_rng(seed)
     for dataset in (UsgraSeg(root), DlTrackApo(root)):
         train, val = split(dataset, val_fraction=0.2, seed=0)
         pool = val if subset == "validation" else train
-        picks = rng.choice(len(pool), size=min(n_per_set, len(pool)), replace=False)
+        picks: list[int] = []
+        while len(picks) < n_per_set:
+            size = min(n_per_set - len(picks), len(pool))
+            picks.extend(rng.choice(len(pool), size=size, replace=False).tolist())
         for k in picks:
             sample = dataset[int(pool[int(k)])]
             box = find_imaging_region(sample.image) or (
@@ -70,6 +75,13 @@ def sequences(
                 frames.append(image)
                 truths.append(truth)
             yield f"{dataset.__class__.__name__}/{sample.name}", frames, truths, box
+
+
+def needle_in_image(truth: NeedleTruth) -> bool:
+    """At least ``MIN_DRAWN_MM`` of shaft is drawn (at the nominal spacing)."""
+    if truth.pose is None:
+        return False
+    return float(truth.mask.sum()) / truth.pose.width_px * DEFAULT_SPACING_MM >= MIN_DRAWN_MM
 
 
 def run(model: str, root: str | None, n_per_set: int, n_frames: int, seed: int) -> dict:
@@ -89,12 +101,7 @@ def run(model: str, root: str | None, n_per_set: int, n_frames: int, seed: int) 
         for i, (image, truth) in enumerate(zip(frames, truths, strict=True)):
             frame = Frame(image, i, i / 20.0, None, Region(box, None, True, "detected"), "bench")
             state = stage(frame, segmenter(frame))
-            drawn_mm = (
-                float(truth.mask.sum()) / truth.pose.width_px * DEFAULT_SPACING_MM
-                if truth.pose is not None
-                else 0.0
-            )
-            in_image = drawn_mm >= MIN_DRAWN_MM
+            in_image = needle_in_image(truth)
             present_tp += in_image and state.shaft_visible
             present_fn += in_image and not state.shaft_visible
             present_fp += state.shaft_visible and not in_image
