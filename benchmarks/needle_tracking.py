@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/needle_tracking.py [--model PATH] [--data DIR] [--sequences 16] [--frames 80]
+    python benchmarks/needle_tracking.py [--model PATH] [--data DIR] [--sequences 32] [--frames 80]
 
 Sequences: a needle rendered (``usguide.data.needle_render.needle_sequence``) onto real frames of
 the validation split of both data sets (USGRA-Seg nerve-block scans and DL_Track muscle scans),
@@ -204,7 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--data", default=None)
-    parser.add_argument("--sequences", type=int, default=16, help="per data set")
+    parser.add_argument("--sequences", type=int, default=32, help="per data set")
     parser.add_argument("--frames", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
