@@ -115,7 +115,15 @@ class NeedleConfig:
     # training split by ``benchmarks/needle_confidence_fit.py``.
     confidence_weights: tuple[float, ...] = (-11.947, 5.716, 0.992, 1.337, 0.297, 5.337, -1.254)
     # The same fit for "this line is the needle's shaft", tip in plane or not.
-    shaft_confidence_weights: tuple[float, ...] = (1.520, 6.567, 2.417, 0.113, -4.660, 0.955, -7.825)
+    shaft_confidence_weights: tuple[float, ...] = (
+        1.520,
+        6.567,
+        2.417,
+        0.113,
+        -4.660,
+        0.955,
+        -7.825,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,3 +82,19 @@ def test_needle_settings_reach_the_renders(tmp_path: Path) -> None:
         assert angle < 9.0  # 3-6 degrees drawn, a few px of shaft width allowed
         # 20 mm at 0.1 mm/px, halved; random_pose may shorten it by a few % when a pose misfits.
         assert cols.max() - cols.min() >= 0.8 * 0.5 * 20.0 / 0.1
+
+
+def test_varied_look_changes_the_needle_not_its_mask(tmp_path: Path) -> None:
+    from usguide.training.train import Prepared, with_needle
+
+    toml = tmp_path / "train.toml"
+    toml.write_text("needle_varied_look = true\n")
+    assert TrainConfig.from_toml(toml).needle_varied_look
+    native = np.random.default_rng(1).integers(20, 120, (300, 300)).astype(np.uint8)
+    sample = Prepared(
+        native[:64, :64], 0 * native[:64, :64], np.ones(5, bool), "s", native, 0 * native
+    )
+    plain = with_needle(sample, np.random.default_rng(4), (128, 128))
+    varied = with_needle(sample, np.random.default_rng(4), (128, 128), varied_look=True)
+    assert np.array_equal(plain[1], varied[1])  # same pose, same exact label
+    assert not np.array_equal(plain[0], varied[0])  # another look of the same needle

@@ -43,6 +43,8 @@ class TrainConfig:
     # defaults trained 1.3.0; 3 mm and 3-70 degrees were tried and not shipped, see the model card).
     needle_min_length_mm: float = 8.0
     needle_angle_range_deg: tuple[float, float] = (10.0, 60.0)
+    # Vary the rendered needles' brightness, reverberation and shadow (1.3.0 drew one look).
+    needle_varied_look: bool = False
     val_fraction: float = 0.2
     datasets: tuple[str, ...] = ("usgra-seg", "dltrack-apo")
     channels: tuple[int, int, int, int] = (16, 32, 64, 128)
@@ -119,17 +121,23 @@ def load_samples(config: TrainConfig, log: Log) -> tuple[list[Prepared], list[Pr
 
 
 def with_needle(
-    sample: Prepared, rng: np.random.Generator, size: tuple[int, int], **pose_options: Any
+    sample: Prepared,
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    varied_look: bool = False,
+    **pose_options: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The sample with a needle rendered at the image's own resolution (as a real needle is
     imaged), then brought to input ``size``: image and mask (needle class where drawn).
-    ``pose_options`` go to :func:`usguide.data.needle_render.random_pose`; the needle's look
-    (brightness, reverberations, shadow) is drawn as in the benchmark's sequences."""
+    ``pose_options`` go to :func:`usguide.data.needle_render.random_pose`; with ``varied_look``
+    the needle's brightness, reverberation and shadow are drawn as in the benchmark's sequences
+    (:func:`usguide.data.needle_render.random_appearance`), else the renderer's defaults."""
     from usguide.data.augment import resize_pair
     from usguide.data.needle_render import random_appearance, random_pose, render_needle
 
     pose = random_pose(sample.native_image.shape, rng, **pose_options)
-    rendered = render_needle(sample.native_image, pose, rng=rng, **random_appearance(rng))
+    look = random_appearance(rng) if varied_look else {}
+    rendered = render_needle(sample.native_image, pose, rng=rng, **look)
     mask = sample.native_mask.copy()
     mask[rendered.mask] = NEEDLE
     return resize_pair(rendered.image, mask, size)
@@ -160,6 +168,7 @@ class Batches:
                         s,
                         rng,
                         self.config.input_size,
+                        varied_look=self.config.needle_varied_look,
                         min_length_mm=self.config.needle_min_length_mm,
                         angle_range_deg=self.config.needle_angle_range_deg,
                     )
