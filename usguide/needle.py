@@ -56,8 +56,8 @@ class NeedleConfig:
         The model's needle pixels across a shaft never span more than this (18 G is 1.27 mm);
         a wider region is not a needle.
     min_confidence : float
-        Detections below this confidence are ignored: a tip below it is not tracked, a shaft
-        below this ``shaft_confidence`` is not reported as a needle.
+        Least confidence acted on: a tip's ``confidence`` to be tracked, a shaft's
+        ``shaft_confidence`` to be reported as a needle.
     tip_ratio : float
         A shaft end whose last ``bevel_mm`` is dimmer than this fraction of the shaft before it
         is a shaft fading out of plane, not a tip.
@@ -116,14 +116,8 @@ class NeedleConfig:
     confidence_weights: tuple[float, ...] = (-11.947, 5.716, 0.992, 1.337, 0.297, 5.337, -1.254)
     # The same fit for "this line is the needle's shaft", tip in plane or not.
     shaft_confidence_weights: tuple[float, ...] = (
-        1.520,
-        6.567,
-        2.417,
-        0.113,
-        -4.660,
-        0.955,
-        -7.825,
-    )
+        1.520, 6.567, 2.417, 0.113, -4.660, 0.955, -7.825,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
