@@ -93,7 +93,7 @@ def main() -> None:
             rows.append(
                 detection_features(
                     d.model_support, d.model_width_mm, d.contrast, d.visible_length_px * mm,
-                    d.end_ratio, d.wander_px * mm,
+                    d.end_ratio, d.wander_px * mm, d.entry_gap_px * mm,
                 )
             )  # fmt: skip
             tip_labels.append(

@@ -167,6 +167,7 @@ def detection(
         model_support=1.0,
         model_width_mm=0.8,
         wander_px=0.5,
+        entry_gap_px=0.0,
         tip_in_plane=in_plane,
         confidence=confidence,
         shaft_confidence=confidence if shaft_confidence is None else shaft_confidence,
@@ -247,3 +248,21 @@ def test_shaft_fading_out_of_plane_is_reported_present(segmenter, scan):
     assert not any(t.tip_visible for t in truths)
     states = track(segmenter, frames, box)
     assert sum(s.shaft_visible for s in states) >= 0.8 * len(states)
+
+
+@pytest.mark.parametrize("start_px", [0.0, 120.0, 200.0])
+def test_entry_gap_measures_where_the_shaft_begins(segmenter, scan, start_px):
+    # A needle drawn from the region's edge has no gap; a bright line that begins deep in the
+    # tissue (as fascia does) has one as long as the undrawn part of its axis.
+    image, box = scan
+    x0, y0, _, y1 = box
+    d = (math.cos(math.radians(25.0)), math.sin(math.radians(25.0)))
+    edge = (x0 - 0.5, y0 + 0.25 * (y1 - y0))
+    start = (edge[0] + start_px * d[0], edge[1] + start_px * d[1])
+    tip = (edge[0] + (start_px + 150.0) * d[0], edge[1] + (start_px + 150.0) * d[1])
+    pose = NeedlePose(start, tip, 8.0, None)
+    drawn = render_needle(image, pose, rng=np.random.default_rng(1), region=box)
+    frame = frame_of(drawn.image, 0, box)
+    found = NeedleStage().detector(frame, segmenter(frame))
+    assert found is not None
+    assert abs(found.entry_gap_px - start_px) * SPACING_MM < 1.5

@@ -41,6 +41,9 @@ from usguide.labels import NEEDLE
 
 Side = Literal["left", "right"]
 
+# Grey level below which a pixel is outside the image (the black corners of a sector's box).
+_BLACK = 10
+
 
 @dataclass(frozen=True, slots=True)
 class NeedleConfig:
@@ -67,7 +70,8 @@ class NeedleConfig:
         Part of the shaft's level (90th percentile) that counts as shaft evidence along the
         axis; lower keeps the faint, partly out-of-plane end of a shaft.
     beyond_model_mm : float
-        How far past the model's last needle pixel the shaft may be followed to its tip.
+        How far past the model's needle pixels the shaft may be followed: to its tip, and back
+        toward where it enters.
     hold_s : float
         How long the tracker coasts on its prediction before saying "tip not visible".
     confirm_frames : int
@@ -113,10 +117,12 @@ class NeedleConfig:
     seed: int = 0
     # Logistic weights over :func:`detection_features`, fitted on rendered sequences of the
     # training split by ``benchmarks/needle_confidence_fit.py``.
-    confidence_weights: tuple[float, ...] = (-11.947, 5.716, 0.992, 1.337, 0.297, 5.337, -1.254)
+    confidence_weights: tuple[float, ...] = (
+        -11.947, 5.716, 0.992, 1.337, 0.297, 5.337, -1.254, 0.0,
+    )  # fmt: skip
     # The same fit for "this line is the needle's shaft", tip in plane or not.
     shaft_confidence_weights: tuple[float, ...] = (
-        1.520, 6.567, 2.417, 0.113, -4.660, 0.955, -7.825,
+        1.520, 6.567, 2.417, 0.113, -4.660, 0.955, -7.825, 0.0,
     )  # fmt: skip
 
 
@@ -148,6 +154,11 @@ class NeedleDetection:
     wander_px : float
         RMS distance of the shaft's centre line from the fitted axis, pixels (a needle is
         straight).
+    entry_gap_px : float
+        Distance along the axis from where the image begins (the region's edge, or the first
+        non-black pixel of a sector image) to where the visible shaft begins, pixels. A needle
+        enters from the skin; a bright line that starts deep in the tissue is more likely
+        fascia.
     tip_in_plane : bool
         The shaft ends in a tip, not by fading out of the imaging plane.
     confidence : float
@@ -167,6 +178,7 @@ class NeedleDetection:
     model_support: float
     model_width_mm: float
     wander_px: float
+    entry_gap_px: float
     tip_in_plane: bool
     confidence: float
     shaft_confidence: float
@@ -466,6 +478,10 @@ class NeedleDetector:
         if not runs:
             return None
         start, stop = max(runs, key=lambda r: (covered[r[0] : r[1]].sum(), r[1]))
+        if from_model:
+            # Nor does bright tissue in line before the model's first needle pixel extend it.
+            first_px = extent[0] - cfg.beyond_model_mm / mm_per_px
+            start = min(stop - 1, max(start, int(np.searchsorted(s, first_px))))
         length_px = float((profile[start:stop] >= cfg.run_fraction * level).sum())
         if length_px * mm_per_px < cfg.min_length_mm:
             return None
@@ -531,8 +547,18 @@ class NeedleDetector:
         dx, dy = abs(direction[0]), abs(direction[1])
         if spacing:
             dx, dy = dx * spacing[1], dy * spacing[0]
+        # Where the image begins along the axis: the corners of a sector image's box are black.
+        imaged = np.flatnonzero(band.max(1) > _BLACK)
+        first = int(imaged[0]) if imaged.size else 0
+        entry_gap = max(0.0, float(s[start] - s[min(first, start)]))
         features = detection_features(
-            support, model_width, contrast, length_px * mm_per_px, end_ratio, wander * mm_per_px
+            support,
+            model_width,
+            contrast,
+            length_px * mm_per_px,
+            end_ratio,
+            wander * mm_per_px,
+            entry_gap * mm_per_px,
         )
         confidence = _logistic(cfg.confidence_weights, features)
         shaft_confidence = _logistic(cfg.shaft_confidence_weights, features)
@@ -547,6 +573,7 @@ class NeedleDetector:
             model_support=support,
             model_width_mm=model_width,
             wander_px=wander,
+            entry_gap_px=entry_gap,
             tip_in_plane=end_ratio >= cfg.tip_ratio,
             confidence=confidence,
             shaft_confidence=shaft_confidence,
@@ -560,14 +587,16 @@ def detection_features(
     length_mm: float,
     end_ratio: float,
     wander_mm: float,
+    entry_gap_mm: float,
 ) -> np.ndarray:
     """The numbers a detection's confidence is computed from (a logistic model over them):
     1 (bias), model support, width of the model's needle mask (mm, capped at 1.5), contrast / 100,
     visible length (mm, capped at 10) / 10, end ratio (capped at 1.2: a brighter end is a bevel,
-    a much brighter one is no more needle-like) and centre-line wander (mm)."""
+    a much brighter one is no more needle-like), centre-line wander (mm) and the gap between the
+    image's edge and the visible shaft (mm, capped at 20) / 10."""
     return np.array(
         [1.0, support, min(model_width_mm, 1.5), contrast / 100.0, min(length_mm, 10.0) / 10.0,
-         min(end_ratio, 1.2), wander_mm],
+         min(end_ratio, 1.2), wander_mm, min(entry_gap_mm, 20.0) / 10.0],
     )  # fmt: skip
 
 
