@@ -1,9 +1,10 @@
 """The demo scan: a short nerve-block cine built from one real frame shipped with usguide.
 
 The frame (USGRA-Seg image 0212, CC BY 4.0, see ``usguide/demo_data/README.md``) is moved as a
-hand-held probe moves; a needle is rendered entering from the right, advancing to a point
-1.5 mm beside the nerve (planned from the expert nerve and vessel mask so the path keeps clear of
-the vessel), pausing, and then an anechoic pocket of injectate grows around its tip.
+hand-held probe moves; a needle is rendered entering from the right, advancing to a point 1.5 mm
+out from the nerve's outline on a ray from its centre, about 1 mm from its nearest edge (planned
+from the expert nerve and vessel mask so the path keeps clear of the vessel), pausing, and then
+an anechoic pocket of injectate grows around its tip.
 
 The source image carries no calibration: the demo assumes :data:`DEMO_SPACING_MM` and every
 output says so. Frames are made on demand and depend only on their index and the seed, so the
@@ -139,6 +140,25 @@ class DemoScan(SeekableSource):
         mx, my = self._motion(index)[:2]
         return (ex + (tx - ex) * f + mx, ey + (ty - ey) * f + my)
 
+    def labels_truth(self, index: int) -> np.ndarray:
+        """The annotators' label map (nerve, vessel) of frame ``index``, moved with the probe as
+        the image is, in frame pixels (uint8; background outside the image)."""
+        rows, cols = DEMO_SIZE
+        h, w = self._mask.shape
+        out = np.zeros((rows, cols), np.uint8)
+        out[self._y0 : self._y0 + h, self._x0 : self._x0 + w] = cv2.warpAffine(
+            self._mask, self._probe_move(index), (w, h), flags=cv2.INTER_NEAREST,
+            borderMode=cv2.BORDER_REFLECT,
+        )  # fmt: skip
+        return out
+
+    def _probe_move(self, index: int) -> np.ndarray:
+        """Affine matrix moving the source image (its own pixels) as the probe drifts."""
+        dx, dy, angle = self._motion(index)
+        m = cv2.getRotationMatrix2D((self._image.shape[1] / 2, 0.0), angle, 1.0)
+        m[:, 2] += (dx, dy)
+        return m
+
     def _motion(self, index: int) -> tuple[float, float, float]:
         """Probe drift: a smooth translation (px) and rotation (degrees)."""
         t = index / DEMO_FPS
@@ -158,10 +178,10 @@ class DemoScan(SeekableSource):
         rows, cols = DEMO_SIZE
         frame = np.zeros((rows, cols), np.uint8)
         h, w = self._image.shape
-        dx, dy, angle = self._motion(index)
-        m = cv2.getRotationMatrix2D((w / 2, 0.0), angle, 1.0)
-        m[:, 2] += (dx, dy)
-        moved = cv2.warpAffine(self._image, m, (w, h), borderMode=cv2.BORDER_REFLECT)
+        dx, dy = self._motion(index)[:2]
+        moved = cv2.warpAffine(
+            self._image, self._probe_move(index), (w, h), borderMode=cv2.BORDER_REFLECT
+        )
         # Speckle changes a little from frame to frame on a real scanner.
         noise = rng.standard_normal(moved.shape, dtype=np.float32)
         noise *= 3.0
