@@ -100,7 +100,7 @@ class NeedleConfig:
     min_length_mm: float = 2.5
     min_contrast: float = 20.0
     max_width_mm: float = 1.6
-    min_confidence: float = 0.5
+    min_confidence: float = 0.7
     tip_ratio: float = 0.6
     bevel_mm: float = 1.5
     beyond_model_mm: float = 1.0
@@ -118,11 +118,11 @@ class NeedleConfig:
     # Logistic weights over :func:`detection_features`, fitted on rendered sequences of the
     # training split by ``benchmarks/needle_confidence_fit.py``.
     confidence_weights: tuple[float, ...] = (
-        -11.947, 5.716, 0.992, 1.337, 0.297, 5.337, -1.254, 0.0,
+        -16.459, 7.580, 0.881, 2.255, 0.685, 7.186, -7.149, -3.366,
     )  # fmt: skip
     # The same fit for "this line is the needle's shaft", tip in plane or not.
     shaft_confidence_weights: tuple[float, ...] = (
-        1.520, 6.567, 2.417, 0.113, -4.660, 0.955, -7.825, 0.0,
+        -9.424, 7.365, 0.497, 0.750, 0.705, 3.563, 8.189, -3.320,
     )  # fmt: skip
 
 
