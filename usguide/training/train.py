@@ -39,11 +39,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     dice_weight: float = 1.0
     needle_probability: float = 0.5
-    # Shortest rendered shaft and the angles of rendered needles to the probe surface (the
-    # defaults trained 1.3.0; 3 mm and 3-70 degrees were tried and not shipped, see the model card).
+    # Shortest rendered shaft and the angles of rendered needles to the probe surface (1.4.0
+    # drew 5-60 degrees, see models/usguide-seg/train.toml; the card lists what was tried).
     needle_min_length_mm: float = 8.0
     needle_angle_range_deg: tuple[float, float] = (10.0, 60.0)
-    # Vary the rendered needles' brightness, reverberation and shadow (1.3.0 drew one look).
+    # Vary the rendered needles' brightness, reverberation and shadow (on for 1.4.0).
     needle_varied_look: bool = False
     val_fraction: float = 0.2
     datasets: tuple[str, ...] = ("usgra-seg", "dltrack-apo")
