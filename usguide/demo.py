@@ -2,9 +2,8 @@
 
 The frame (USGRA-Seg image 0212, CC BY 4.0, see ``usguide/demo_data/README.md``) is moved as a
 hand-held probe moves; a needle is rendered entering from the right, advancing to a point 1.5 mm
-out from the nerve's outline on a ray from its centre, about 1 mm from its nearest edge (planned
-from the expert nerve and vessel mask so the path keeps clear of the vessel), pausing, and then
-an anechoic pocket of injectate grows around its tip.
+from the nerve's nearest edge (planned from the expert nerve and vessel mask so the path keeps
+clear of the vessel), pausing, and then an anechoic pocket of injectate grows around its tip.
 
 The source image carries no calibration: the demo assumes :data:`DEMO_SPACING_MM` and every
 output says so. Frames are made on demand and depend only on their index and the seed, so the
@@ -91,16 +90,19 @@ class DemoScan(SeekableSource):
 
     # -- the plan: where the needle goes -------------------------------------------------------
     def _plan(self) -> tuple[tuple[float, float], tuple[float, float]]:
-        """Target 1.5 mm outside the nerve on its upper right; entry at the right edge."""
+        """Target 1.5 mm from the nerve's nearest edge, on its upper right (as the guidance
+        places a perineural target); entry at the right edge."""
         nerve = (self._mask == NERVE).astype(np.uint8)
         ys, xs = np.nonzero(nerve)
         cx, cy = xs.mean(), ys.mean()
-        # The nerve's outline point towards the upper right, then 1.5 mm further out.
+        # Out from the nerve's centre towards the upper right until 1.5 mm from every nerve pixel.
+        outside_px = cv2.distanceTransform(1 - nerve, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
         direction = np.array([1.0, -0.45]) / math.hypot(1.0, -0.45)
         t = 0.0
-        while nerve[round(cy + direction[1] * t), round(cx + direction[0] * t)]:
-            t += 1.0
-        t += 1.5 / DEMO_SPACING_MM
+        while outside_px[round(cy + direction[1] * t), round(cx + direction[0] * t)] < (
+            1.5 / DEMO_SPACING_MM
+        ):
+            t += 0.25
         target = (self._x0 + cx + direction[0] * t, self._y0 + cy + direction[1] * t)
         x1 = self._bbox[2]
         entry = (x1 + 0.5, target[1] - (x1 - target[0]) * math.tan(math.radians(35.0)))
