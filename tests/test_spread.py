@@ -425,3 +425,30 @@ def test_config_is_checked():
         SpreadConfig(max_ratio=1.5)
     with pytest.raises(ValueError, match="confirm_frames"):
         SpreadConfig(confirm_frames=0)
+
+
+def test_random_pocket_is_fluid_beside_the_nerve_not_nerve(test_data) -> None:
+    import cv2
+    from PIL import Image
+
+    from usguide.data.injectate_render import random_pocket
+    from usguide.imaging_region import find_imaging_region
+    from usguide.labels import NERVE
+
+    image = cv2.imread(str(test_data / "usgra-seg" / "images" / "0050.png"), cv2.IMREAD_GRAYSCALE)
+    mask = np.array(
+        Image.open(test_data / "usgra-seg" / "masks" / "0050.png")
+    )  # palette index is the class
+    x0, y0, x1, y1 = find_imaging_region(image)  # as training crops every image
+    image, mask = image[y0 : y1 + 1, x0 : x1 + 1], mask[y0 : y1 + 1, x0 : x1 + 1]
+    assert (mask == NERVE).any()
+    rng = np.random.default_rng(0)
+    drawn_fluid = 0
+    for _ in range(6):
+        drawn, labels = random_pocket(image, mask, rng)
+        fluid = drawn.astype(int) < image.astype(int) - 30
+        drawn_fluid += fluid.sum() > 50
+        assert not (labels[fluid] == NERVE).any()  # fluid is never taught as nerve
+        # The nerve is not flooded: it keeps most of its pixels.
+        assert (labels == NERVE).sum() >= 0.8 * (mask == NERVE).sum()
+    assert drawn_fluid >= 4  # a pocket may fall where the tissue is already black

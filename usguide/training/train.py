@@ -18,11 +18,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
-from usguide.labels import CLASS_NAMES, NEEDLE, NERVE, VESSEL
+from usguide.labels import CLASS_NAMES, NEEDLE
 from usguide.segment import normalise
 
 Log = Callable[[str], None]
@@ -161,48 +160,6 @@ def _draw_needle(
     return rendered.image, mask
 
 
-def draw_injectate(
-    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """An anechoic fluid pocket, 0.8-4 mm across its long semi-axis, drawn at the image's own
-    resolution: against a nerve's outline (up to 1.5 mm off it) on 70 % of images that have a
-    nerve, else anywhere below the top tenth. Fluid flows around nerves and vessels, may push
-    tissue aside (labels move with it) and is labelled background."""
-    from usguide.data.injectate_render import render_injectate
-    from usguide.data.needle_render import DEFAULT_SPACING_MM
-
-    height, width = mask.shape
-    mm = DEFAULT_SPACING_MM
-    rx = rng.uniform(0.8, 4.0) / mm
-    ry = rx * rng.uniform(0.6, 1.0)
-    nerve = mask == NERVE
-    if nerve.any() and rng.random() < 0.7:
-        edge = nerve & ~cv2.erode(nerve.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-        ys, xs = np.nonzero(edge)
-        k = int(rng.integers(len(xs)))
-        out = np.array([xs[k] - xs.mean(), ys[k] - ys.mean()])
-        out /= max(float(np.hypot(*out)), 1e-9)
-        reach = 0.5 * (rx + ry) + rng.uniform(0.0, 1.5) / mm
-        centre = (float(xs[k] + out[0] * reach), float(ys[k] + out[1] * reach))
-    else:
-        centre = (rng.uniform(0, width - 1), rng.uniform(0.1 * height, height - 1))
-    rendered = render_injectate(
-        image,
-        centre,
-        (rx, ry),
-        rng=rng,
-        angle_deg=rng.uniform(-30.0, 30.0),
-        spacing_mm=mm,
-        push=rng.uniform(0.0, 0.6),
-        exclude=nerve | (mask == VESSEL),
-        labels=mask,
-    )
-    assert rendered.labels is not None
-    labels = rendered.labels.copy()
-    labels[rendered.mask] = 0
-    return rendered.image, labels
-
-
 class Batches:
     """Augmented training batches as tensors, reproducible from the generator it is given."""
 
@@ -218,6 +175,7 @@ class Batches:
         self, rng: np.random.Generator
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         from usguide.data.augment import resize_pair
+        from usguide.data.injectate_render import random_pocket
 
         cfg = self.config
         order = rng.permutation(len(self.samples))
@@ -240,7 +198,7 @@ class Batches:
                 # No draw when off: the same seed then gives the same batches as before.
                 pocket = cfg.injectate_probability > 0 and rng.random() < cfg.injectate_probability
                 if pocket:
-                    image, mask = draw_injectate(image, mask, rng)
+                    image, mask = random_pocket(image, mask, rng)
                 if needle or pocket:
                     image, mask = resize_pair(image, mask, cfg.input_size)
                 else:
