@@ -15,6 +15,11 @@ Usage::
 2. Temporal stability: label agreement between consecutive frames (mean over classes present of
    the Dice between frame t and t+1) on slowly moving sequences: validation frames under smooth
    simulated probe motion, and the real 120-frame SonoSite cine. With and without smoothing.
+3. Fluid beside the nerve: ``POCKETS_PER_IMAGE`` anechoic pockets (injectate, hydrodissection)
+   drawn against the nerve of every USGRA-Seg validation image with one
+   (:func:`usguide.data.injectate_render.random_pocket`): the share of fluid pixels the model
+   calls nerve (an intraneural warning waiting to happen) and the nerve's Dice with fluid beside
+   it.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from usguide.data.needle_render import random_pose, render_needle
 from usguide.evaluate import DiceTable, dice, format_table
 from usguide.frame import Frame, Region
 from usguide.imaging_region import find_imaging_region
-from usguide.labels import N_CLASSES, NEEDLE
+from usguide.labels import N_CLASSES, NEEDLE, NERVE
 from usguide.segment import Segmenter, available_engines
 from usguide.sources.dicom import DicomSource
 
@@ -41,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Needle poses vary far more than the anatomy under them: several per image steady the figure.
 NEEDLES_PER_IMAGE = 3
 NEEDLE_ONLY = tuple(c == NEEDLE for c in range(N_CLASSES))
+POCKETS_PER_IMAGE = 3
 
 
 def validation_triples(
@@ -62,6 +68,30 @@ def validation_triples(
                 mask = s.mask.copy()
                 mask[rendered.mask] = NEEDLE
                 yield rendered.image, mask, NEEDLE_ONLY, "needle"
+
+
+def fluid_beside_nerve(model: Path, root: str | None, seed: int) -> tuple[float, float, int]:
+    """Mean share of fluid pixels labelled nerve, mean nerve Dice, number of renders."""
+    from usguide.data.injectate_render import random_pocket
+
+    rng = np.random.default_rng(seed + 30_000)
+    seg = Segmenter(model)
+    usgra = UsgraSeg(root)
+    _, val = split(usgra, val_fraction=0.2, seed=seed)
+    as_nerve, nerve_dice = [], []
+    for i in val:
+        s = usgra[i]
+        if not (s.mask == NERVE).any():
+            continue
+        for _ in range(POCKETS_PER_IMAGE):
+            image, truth = random_pocket(s.image, s.mask, rng, beside_nerve=1.0)
+            # Fluid: where the pocket darkened the tissue (excluded nerve pixels never are).
+            fluid = image.astype(np.int16) < s.image.astype(np.int16) - 30
+            labels = seg(as_frame(image))
+            if fluid.sum() >= 50:
+                as_nerve.append(float((labels[fluid] == NERVE).mean()))
+            nerve_dice.append(dice(labels == NERVE, truth == NERVE))
+    return float(np.mean(as_nerve)), float(np.mean(nerve_dice)), len(nerve_dice)
 
 
 def as_frame(image: np.ndarray) -> Frame:
@@ -152,6 +182,13 @@ def main() -> None:
             raw = stability(model, sets, 0.0)
             smooth = stability(model, sets, 0.5)
             print(f"| {model.name} | {name} | {raw:.3f} | {smooth:.3f} |")
+
+    print("\n## fluid beside the nerve (USGRA-Seg validation images with a nerve)\n")
+    print("| model | renders | fluid labelled nerve | nerve Dice |")
+    print("|---|---:|---:|---:|")
+    for model in models:
+        share, nerve, n = fluid_beside_nerve(model, args.data, args.seed)
+        print(f"| {model.name} | {n} | {share:.3f} | {nerve:.3f} |")
 
 
 if __name__ == "__main__":
