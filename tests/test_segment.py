@@ -10,7 +10,7 @@ import pytest
 
 from usguide.errors import UsguideError
 from usguide.evaluate import DiceTable
-from usguide.labels import CLASS_NAMES
+from usguide.labels import CLASS_NAMES, FASCIA, NERVE, VESSEL
 from usguide.segment import DEFAULT_MODEL, ModelError, Segmenter, available_engines, open_model
 from usguide.sources.dicom import DicomSource
 from usguide.sources.images import ImageSource, read_mask
@@ -92,6 +92,7 @@ def test_labels_follow_interpolated_scores_not_blocky_model_pixels(
 
     with DicomSource(dicom_dir / "color3d_jpeg_baseline.dcm") as src:
         frame = src.read(10)
+    segmenter = Segmenter(engine=segmenter.engine, min_region_fraction={})  # every region kept
     labels = segmenter(frame).copy()
     logits = segmenter._logits
     x0, y0, x1, y1 = frame.region.bbox
@@ -209,3 +210,50 @@ def test_shipped_model_folder_is_complete() -> None:
     folder = DEFAULT_MODEL.parent
     for name in ("model.onnx", "metadata.json", "README.md", "LICENSE"):
         assert (folder / name).is_file(), name
+
+
+class _FixedLogits:
+    """An engine that answers every frame with the same logits."""
+
+    name = "fixed"
+
+    def __init__(self, logits: np.ndarray) -> None:
+        self.logits = logits
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.logits[None]
+
+
+def test_small_isolated_regions_are_dropped_from_labels_not_probabilities() -> None:
+    """A vessel speck the size of the model's false alarms goes; a vessel, a fascia band and a
+    nerve speck stay; the probabilities keep everything."""
+    logits = np.zeros((5, 256, 256), np.float32)
+    logits[VESSEL, 100:120, 100:120] = 5.0  # 400 model px, 0.6 % of the region
+    logits[VESSEL, 30:34, 30:34] = 5.0  # 16 px, 0.02 %
+    logits[FASCIA, 200:206, 10:246] = 5.0  # a band: 1416 px
+    logits[FASCIA, 60:63, 200:204] = 5.0  # 12 px
+    logits[NERVE, 150:154, 150:154] = 5.0  # 16 px
+    frame = np.random.default_rng(0).integers(0, 255, (512, 512), np.uint8)
+
+    def labels_with(**kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+        seg = Segmenter(**kwargs)  # type: ignore[arg-type]
+        seg._engine = _FixedLogits(logits)
+        return seg(frame).copy(), seg.probabilities
+
+    labels, probs = labels_with()
+    assert (labels[200:240, 200:240] == VESSEL).all()
+    assert not (labels[50:78, 50:78] == VESSEL).any()
+    assert (labels[402:410, 40:480] == FASCIA).all()
+    assert not (labels[110:136, 390:418] == FASCIA).any()
+    assert (labels[302:306, 302:306] == NERVE).all()
+    assert probs[VESSEL, 31, 31] > 0.9 and probs[FASCIA, 61, 201] > 0.9
+
+    kept, _ = labels_with(min_region_fraction={})
+    assert (kept[62:66, 62:66] == VESSEL).all()
+    assert (kept[122:124, 402:406] == FASCIA).all()
+    assert (kept == labels).mean() > 0.99
+
+    with pytest.raises(ValueError, match="unknown class"):
+        Segmenter(min_region_fraction={"artery": 0.01})
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        Segmenter(min_region_fraction={"vessel": 1.5})
