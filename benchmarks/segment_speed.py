@@ -5,8 +5,10 @@ Usage::
     python benchmarks/segment_speed.py [--model-dir models/usguide-seg] [--frames 300]
 
 Rows: the model's inference alone (onnxruntime run on a preprocessed input), and the whole stage
-(crop, resize, normalise, infer, softmax, argmax, labels back to frame size), for every model file
-in the folder (model.onnx as shipped, model_fp32.onnx when present). Two onnxruntime threads.
+(crop, resize, normalise, infer, softmax, argmax, small regions dropped, labels back to frame
+size), and the whole stage keeping every region (``min_region_fraction={}``, what dropping small
+regions costs), for every model file in the folder (model.onnx as shipped, model_fp32.onnx when
+present). Two inference threads.
 Frames are the real SonoSite cine (tests/data/dicom/color3d_jpeg_baseline.dcm, 640 x 480),
 cycled.
 """
@@ -55,12 +57,16 @@ def main() -> None:
     rows = {}
     for engine, path in itertools.product(available_engines(), models):
         seg = Segmenter(path, threads=args.threads, engine=engine)
+        keep_all = Segmenter(path, threads=args.threads, engine=engine, min_region_fraction={})
+        # One inference session for both: two sessions' idle threads would contend for 2 cores.
+        keep_all._engine = seg._engine
         x = np.random.default_rng(0).standard_normal((1, 1, *seg.info.input_size), np.float32)
         run = seg._engine.run
         for _ in range(30):
             run(x)
             seg(frames[0])
-        infer, stage = [], []
+            keep_all(frames[0])
+        infer, stage, stage_keep_all = [], [], []
         for i in range(args.frames):
             t = time.perf_counter()
             run(x)
@@ -69,7 +75,14 @@ def main() -> None:
             t = time.perf_counter()
             seg(frame)
             stage.append(time.perf_counter() - t)
-        for part, times in (("inference", infer), ("whole stage", stage)):
+            t = time.perf_counter()
+            keep_all(frame)
+            stage_keep_all.append(time.perf_counter() - t)
+        for part, times in (
+            ("inference", infer),
+            ("whole stage", stage),
+            ("whole stage, every region kept", stage_keep_all),
+        ):
             med, p95, p99 = percentiles(times)
             rows[(engine, path.name, part)] = med
             print(
