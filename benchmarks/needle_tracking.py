@@ -22,6 +22,8 @@ Figures:
   truth's ``tip_visible`` (a needle whose tip has left the plane must not show a tip);
 - needle-in-image recall by insertion angle and by kind of scan (frames in brackets), to show
   where the misses are;
+- shaft angle error p95 by drawn shaft length (frames in brackets): a few mm of shaft fix its
+  angle poorly;
 - frames to pick the tip up again after it was invisible for at least 3 frames;
 - cost of detection and tracking per 640 x 480 frame (segmentation excluded), 2 threads.
 """
@@ -29,6 +31,7 @@ Figures:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import time
@@ -49,6 +52,7 @@ WRONG_MM = 2.0  # a reported tip further than this from the truth is on the wron
 MIN_DRAWN_MM = 2.5  # shortest drawn shaft that counts as a needle in the image
 ANGLE_BINS = {"< 15 deg": (0.0, 15.0), "15-50 deg": (15.0, 50.0), ">= 50 deg": (50.0, 90.0)}
 SCANS = {"UsgraSeg": "nerve-block scans", "DlTrackApo": "muscle scans"}
+DRAWN_BINS = {"< 5 mm": (0.0, 5.0), "5-10 mm": (5.0, 10.0), ">= 10 mm": (10.0, math.inf)}
 
 
 def sequences(
@@ -77,17 +81,23 @@ def sequences(
             yield f"{dataset.__class__.__name__}/{sample.name}", frames, truths, box
 
 
-def needle_in_image(truth: NeedleTruth) -> bool:
-    """At least ``MIN_DRAWN_MM`` of shaft is drawn (at the nominal spacing)."""
+def drawn_mm(truth: NeedleTruth) -> float:
+    """Length of shaft drawn in the frame, mm at the nominal spacing."""
     if truth.pose is None:
-        return False
-    return float(truth.mask.sum()) / truth.pose.width_px * DEFAULT_SPACING_MM >= MIN_DRAWN_MM
+        return 0.0
+    return float(truth.mask.sum()) / truth.pose.width_px * DEFAULT_SPACING_MM
+
+
+def needle_in_image(truth: NeedleTruth) -> bool:
+    """At least ``MIN_DRAWN_MM`` of shaft is drawn."""
+    return drawn_mm(truth) >= MIN_DRAWN_MM
 
 
 def run(model: str, root: str | None, n_per_set: int, n_frames: int, seed: int) -> dict:
     segmenter = Segmenter(model)
     stage = NeedleStage()
     tip_err, angle_err, reacquire = [], [], []
+    angle_err_by: dict[str, list[float]] = {k: [] for k in DRAWN_BINS}
     tp = fp = fn = tn = wrong = 0
     present_tp = present_fp = present_fn = 0
     # Needle-in-image frames and those found, by insertion angle and by kind of scan.
@@ -135,6 +145,10 @@ def run(model: str, root: str | None, n_per_set: int, n_frames: int, seed: int) 
                 )
                 tip_err.append(err * DEFAULT_SPACING_MM)
                 angle_err.append(abs(state.angle_deg - truth.angle_deg))
+                length = drawn_mm(truth)
+                for key, (lo, hi) in DRAWN_BINS.items():
+                    if lo <= length < hi:
+                        angle_err_by[key].append(angle_err[-1])
                 wrong += err * DEFAULT_SPACING_MM > WRONG_MM
             elif truth.tip_visible:
                 fn += 1
@@ -162,6 +176,10 @@ def run(model: str, root: str | None, n_per_set: int, n_frames: int, seed: int) 
         "reacquire_missed": misses,
         "present_recall_by": {k: f / max(n, 1) for k, (n, f) in found_by.items()},
         "present_frames_by": {k: n for k, (n, _) in found_by.items()},
+        "angle_p95_by": {
+            k: float(np.percentile(v, 95)) if v else float("nan") for k, v in angle_err_by.items()
+        },
+        "angle_frames_by": {k: len(v) for k, v in angle_err_by.items()},
     }
 
 
@@ -227,6 +245,14 @@ def main() -> None:
             f"{r['angle_median_deg']:.2f} / {r['angle_mean_deg']:.2f} / "
             f"{r['angle_p95_deg']:.2f} deg",
             "<= 2 deg",
+        ),
+        (
+            "shaft angle error p95 by drawn shaft (" + " / ".join(DRAWN_BINS) + ")",
+            " / ".join(
+                f"{r['angle_p95_by'][k]:.2f} ({r['angle_frames_by'][k]})" for k in DRAWN_BINS
+            )
+            + " deg",
+            "report",
         ),
         (
             f"needle in the image (>= {MIN_DRAWN_MM} mm drawn) vs absent: recall / precision",
