@@ -100,6 +100,14 @@ def test_varied_look_changes_the_needle_not_its_mask(tmp_path: Path) -> None:
     assert not np.array_equal(plain[0], varied[0])  # another look of the same needle
 
 
+def test_split_seed_fixes_the_validation_split_whatever_the_seed(tmp_path: Path) -> None:
+    toml = tmp_path / "train.toml"
+    toml.write_text("seed = 1\nsplit_seed = 0\n")
+    config = TrainConfig.from_toml(toml)
+    assert (config.seed, config.validation_seed) == (1, 0)
+    assert TrainConfig(seed=3).validation_seed == 3
+
+
 def test_injectate_probability_is_read_from_the_config(tmp_path: Path) -> None:
     toml = tmp_path / "train.toml"
     toml.write_text("injectate_probability = 0.3\n")

@@ -32,6 +32,9 @@ class TrainConfig:
     """Everything a training run depends on; read from a TOML file by :meth:`from_toml`."""
 
     seed: int = 0
+    # The validation split and its needle renders follow split_seed (the seed when unset), so a
+    # run with another seed is chosen and compared on the same images.
+    split_seed: int | None = None
     input_size: tuple[int, int] = (256, 256)
     epochs: int = 60
     batch_size: int = 8
@@ -74,6 +77,11 @@ class TrainConfig:
                 raw[key] = tuple(raw[key])
         return cls(**raw)
 
+    @property
+    def validation_seed(self) -> int:
+        """Seed of the train/validation split and of the validation needle renders."""
+        return self.seed if self.split_seed is None else self.split_seed
+
 
 @dataclass
 class Prepared:
@@ -94,8 +102,8 @@ def seed_everything(seed: int) -> None:
 
 
 def load_samples(config: TrainConfig, log: Log) -> tuple[list[Prepared], list[Prepared]]:
-    """Both data sets, split by subject group with the config's seed, each image cropped to its
-    imaging area as the run-time stage crops it, and resized to input size."""
+    """Both data sets, split by subject group with the config's validation seed, each image
+    cropped to its imaging area as the run-time stage crops it, and resized to input size."""
     from usguide.data.augment import resize_pair
     from usguide.data.datasets import open_dataset, split
     from usguide.imaging_region import find_imaging_region
@@ -105,7 +113,9 @@ def load_samples(config: TrainConfig, log: Log) -> tuple[list[Prepared], list[Pr
     for name in config.datasets:
         # A published set's name, or the path of an exported annotation folder.
         dataset = open_dataset(name, config.data_root)
-        train_idx, val_idx = split(dataset, val_fraction=config.val_fraction, seed=config.seed)
+        train_idx, val_idx = split(
+            dataset, val_fraction=config.val_fraction, seed=config.validation_seed
+        )
         if config.max_samples is not None:
             train_idx, val_idx = train_idx[: config.max_samples], val_idx[: config.max_samples]
         for indices, out in ((train_idx, train), (val_idx, val)):
@@ -268,7 +278,7 @@ def train(config: TrainConfig, log: Log = print) -> Path:
     torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     train_set, val_set = load_samples(config, log)
-    val_full = validation_set(val_set, config.seed, config.input_size)
+    val_full = validation_set(val_set, config.validation_seed, config.input_size)
     model = SegNet(len(CLASS_NAMES), config.channels, config.depth)
     optimiser = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -356,6 +366,7 @@ def model_metadata(
             "val_images": n_val,
             "needles": "rendered onto real frames (usguide.data.needle_render)",
             "seed": config.seed,
+            "split_seed": config.validation_seed,
         },
         "validation_metrics": {
             "note": "torch model at input size, validation split",
