@@ -266,3 +266,29 @@ def test_entry_gap_measures_where_the_shaft_begins(segmenter, scan, start_px):
     found = NeedleStage().detector(frame, segmenter(frame))
     assert found is not None
     assert abs(found.entry_gap_px - start_px) * SPACING_MM < 1.5
+
+
+def test_a_longer_false_line_in_the_labels_does_not_hide_the_needle(scan):
+    # The model may mark needle on a bright line beside the needle with more pixels than the
+    # needle itself: the detector must still report the needle, not the line or nothing.
+    image, box = scan
+    x0, y0, x1, y1 = box
+    d = (math.cos(math.radians(30.0)), math.sin(math.radians(30.0)))
+    entry = (x0 - 0.5, y0 + 0.15 * (y1 - y0))
+    tip = (entry[0] + 150.0 * d[0], entry[1] + 150.0 * d[1])
+    drawn = render_needle(
+        image, NeedlePose(entry, tip, 8.0, None), rng=np.random.default_rng(1), region=box
+    )
+    frame = frame_of(drawn.image, 0, box)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[drawn.mask] = 4
+    # A label-only line, longer than the shaft, deep and at another angle, with nothing bright
+    # under it in the image.
+    a = (x0 + 20, int(y0 + 0.75 * (y1 - y0)))
+    b = (x1 - 20, int(y0 + 0.75 * (y1 - y0)) - 50)
+    cv2.line(labels, a, b, 4, thickness=5)
+    assert (labels == 4).sum() > 1.5 * drawn.mask.sum()
+    found = NeedleStage().detector(frame, labels)
+    assert found is not None
+    assert tip_error_mm(found, tip) < 1.0
+    assert found.shaft_confidence >= NeedleConfig().min_confidence

@@ -7,7 +7,9 @@ own line evidence:
    and the brightest thin ridges of the image (a white top-hat keeps bright structures thinner
    than ~2 mm, so thick fascia bands drop out).
 2. **Shaft**: RANSAC line through the candidates, model pixels counting more; then a weighted fit
-   to the shaft's centre line at full resolution.
+   to the shaft's centre line at full resolution. When that line is not a convincing shaft, a
+   second line through the model pixels more than 1 mm from it is measured too, and the more
+   needle-like of the two is kept (the model can mark a longer bright line beside the needle).
 3. **Tip**: the intensity profile along the axis, minus the tissue just above the shaft (the
    reverberations are below it). The tip is where the profile falls to half the shaft's level
    near its far end: the half-maximum point, which is also how the needle renderer defines it.
@@ -306,20 +308,42 @@ class NeedleDetector:
             points, weights = ridge_points, ridge_weights
         if len(points) < 2:
             return None
-        fit = self._ransac(points, weights, tol=1.5)
-        if fit is None:
-            return None
-        centre, direction, extent = fit
-        # Small-image pixel centres to region pixel centres.
-        centre = (centre + 0.5) * f - 0.5
-        extent = (extent[0] * f, extent[1] * f)
         model_mask = None
         if labels is not None:
             x0, y0, x1, y1 = frame.region.bbox
             model_mask = labels[y0 : y1 + 1, x0 : x1 + 1]
-        return self._measure(
-            grey, model_mask, centre, direction, extent, from_model, mm_per_px, frame
-        )
+        best: NeedleDetection | None = None
+        # The model may also mark a bright line beside the needle, with more pixels than the
+        # needle has: when the first line is not a convincing shaft, the line through the
+        # remaining model pixels gets its chance, and the more needle-like of the two is kept.
+        for _ in range(2 if from_model else 1):
+            fit = self._ransac(points, weights, tol=1.5)
+            if fit is None:
+                break
+            centre, direction, extent = fit
+            # Everything within 1 mm of this line is this structure, edges included.
+            off = (points - centre) @ _down_normal(direction)
+            elsewhere = np.abs(off) > max(1.5, 1.0 / (mm_per_px * f))
+            found = self._measure(
+                grey,
+                model_mask,
+                (centre + 0.5) * f - 0.5,  # small-image pixel centres to region pixel centres
+                direction,
+                (extent[0] * f, extent[1] * f),
+                from_model,
+                mm_per_px,
+                frame,
+            )
+            if found is not None and (
+                best is None or found.shaft_confidence > best.shaft_confidence
+            ):
+                best = found
+            if best is not None and best.shaft_confidence >= cfg.min_confidence:
+                break
+            points, weights = points[elsewhere], weights[elsewhere]
+            if len(points) < 8:
+                break
+        return best
 
     def _candidates(
         self, frame: Frame, labels: np.ndarray | None, ridge: np.ndarray, f: int
