@@ -7,6 +7,7 @@ through the shipped segmentation model, then the needle stage, as in ``usguide t
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -292,3 +293,26 @@ def test_a_longer_false_line_in_the_labels_does_not_hide_the_needle(scan):
     assert found is not None
     assert tip_error_mm(found, tip) < 1.0
     assert found.shaft_confidence >= NeedleConfig().min_confidence
+
+
+def test_a_dimming_shaft_stays_reported_on_its_line_for_a_moment():
+    # Hysteresis: a confident shaft vouches, for shaft_hold_s, for weaker detections on its line;
+    # not for one at another angle, nor for one after that time, nor for a very weak one.
+    config = NeedleConfig(confirm_frames=5, shaft_hold_s=0.25, shaft_keep_fraction=0.5)
+    box = (0, 0, 639, 479)
+    blank = np.zeros((480, 640), np.uint8)
+
+    def shaft(confidence: float, angle: float = 30.0) -> NeedleDetection:
+        found = detection(100.0, 100.0, confidence=0.1, in_plane=False)
+        return replace(found, shaft_confidence=confidence, angle_deg=angle)
+
+    tracker = NeedleTracker(config)
+    assert tracker.update(shaft(0.9), frame_of(blank, 0, box)).shaft_visible
+    assert tracker.update(shaft(0.45), frame_of(blank, 1, box)).shaft_visible
+    assert tracker.update(shaft(0.45), frame_of(blank, 2, box)).shaft_visible  # vouched on
+    assert not tracker.update(shaft(0.45, angle=45.0), frame_of(blank, 3, box)).shaft_visible
+    assert not tracker.update(shaft(0.2), frame_of(blank, 4, box)).shaft_visible
+    assert not tracker.update(shaft(0.45), frame_of(blank, 9, box)).shaft_visible  # 0.35 s on
+
+    fresh = NeedleTracker(config)
+    assert not fresh.update(shaft(0.45), frame_of(blank, 0, box)).shaft_visible

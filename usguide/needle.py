@@ -45,6 +45,8 @@ Side = Literal["left", "right"]
 
 # Grey level below which a pixel is outside the image (the black corners of a sector's box).
 _BLACK = 10
+# Shafts whose angles differ by no more than this can be the same needle a frame later.
+_SAME_LINE_DEG = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +78,13 @@ class NeedleConfig:
         toward where it enters.
     hold_s : float
         How long the tracker coasts on its prediction before saying "tip not visible".
+    shaft_hold_s : float
+        How long a shaft reported as a needle vouches for a weaker detection on the same line
+        (its tip within ``gate_mm``, its angle within 5 degrees, the same side) whose shaft
+        confidence is at least ``shaft_keep_fraction`` of ``min_confidence``: hysteresis, so a
+        shaft that dims for a moment is still reported.
+    shaft_keep_fraction : float
+        See ``shaft_hold_s``.
     confirm_frames : int
         Consecutive detections needed to start a track.
     gate_mm : float
@@ -108,6 +117,8 @@ class NeedleConfig:
     beyond_model_mm: float = 1.0
     run_fraction: float = 0.3
     hold_s: float = 0.1
+    shaft_hold_s: float = 0.25
+    shaft_keep_fraction: float = 0.5
     confirm_frames: int = 2
     gate_mm: float = 3.0
     reinit_frames: int = 3
@@ -705,6 +716,7 @@ class NeedleTracker:
         self._outliers: list[NeedleDetection] = []
         self._last: NeedleDetection | None = None
         self._confidence = 0.0
+        self._shaft_seen: tuple[NeedleDetection, float] | None = None
 
     @property
     def tracking(self) -> bool:
@@ -717,7 +729,12 @@ class NeedleTracker:
         spacing = _frame_spacing(frame)
         mm_per_px = math.sqrt(spacing[0] * spacing[1]) if spacing else cfg.nominal_spacing_mm
         gate_px = cfg.gate_mm / mm_per_px
-        shaft_visible = detection is not None and detection.shaft_confidence >= cfg.min_confidence
+        shaft_visible = detection is not None and (
+            detection.shaft_confidence >= cfg.min_confidence
+            or self._vouched_for(detection, t, gate_px)
+        )
+        if shaft_visible:
+            self._shaft_seen = (detection, t)
         usable = detection if detection is not None and detection.tip_in_plane else None
         updated = False
         if self._state is not None:
@@ -793,6 +810,23 @@ class NeedleTracker:
             confidence=float(confidence),
             status="tracking" if updated else "coasting",
             entry_xy=(float(entry[0]), float(entry[1])),
+        )
+
+    def _vouched_for(self, detection: NeedleDetection, t: float, gate_px: float) -> bool:
+        """A weaker detection on the line of a shaft reported within ``shaft_hold_s``."""
+        cfg = self.config
+        if self._shaft_seen is None:
+            return False
+        seen, seen_at = self._shaft_seen
+        return (
+            t - seen_at <= cfg.shaft_hold_s + 1e-9
+            and detection.shaft_confidence >= cfg.shaft_keep_fraction * cfg.min_confidence
+            and detection.side == seen.side
+            and abs(detection.angle_deg - seen.angle_deg) <= _SAME_LINE_DEG
+            and math.hypot(
+                detection.tip_xy[0] - seen.tip_xy[0], detection.tip_xy[1] - seen.tip_xy[1]
+            )
+            <= gate_px
         )
 
     def _start(self, detection: NeedleDetection, t: float) -> None:
