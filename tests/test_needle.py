@@ -16,7 +16,14 @@ import pytest
 from usguide.data.needle_render import NeedlePose, needle_sequence, render_needle
 from usguide.frame import Frame, Region
 from usguide.imaging_region import find_imaging_region
-from usguide.needle import NeedleConfig, NeedleDetection, NeedleStage, NeedleTracker
+from usguide.needle import (
+    NeedleConfig,
+    NeedleDetection,
+    NeedleStage,
+    NeedleTracker,
+    detection_confidence,
+    detection_features,
+)
 from usguide.segment import Segmenter
 
 SPACING_MM = 0.1  # nominal, as in the benchmark; the frames carry no calibration
@@ -316,3 +323,40 @@ def test_a_dimming_shaft_stays_reported_on_its_line_for_a_moment():
 
     fresh = NeedleTracker(config)
     assert not fresh.update(shaft(0.45), frame_of(blank, 0, box)).shaft_visible
+
+
+def test_model_pixels_far_along_the_shaft_line_do_not_carry_the_tip_there(scan):
+    # A fleck the model marks as needle far beyond the tip, on the shaft's line, over a bright
+    # band longer than the shaft: one line through both, and the tip went to the band's end.
+    image, box = scan
+    x0, y0, _, y1 = box
+    d = (math.cos(math.radians(20.0)), math.sin(math.radians(20.0)))
+    entry = (x0 - 0.5, y0 + 0.1 * (y1 - y0))
+    tip = (entry[0] + 100.0 * d[0], entry[1] + 100.0 * d[1])
+    drawn = render_needle(
+        image, NeedlePose(entry, tip, 8.0, None), rng=np.random.default_rng(2), region=box
+    )
+    picture = drawn.image.copy()
+    labels = np.zeros(image.shape, np.uint8)
+    labels[drawn.mask] = 4
+
+    def along(t: float) -> tuple[int, int]:
+        return round(entry[0] + t * d[0]), round(entry[1] + t * d[1])
+
+    cv2.line(picture, along(200.0), along(380.0), (230, 230, 230), thickness=6)
+    cv2.line(labels, along(350.0), along(375.0), 4, thickness=5)
+    found = NeedleStage().detector(frame_of(picture, 0, box), labels)
+    assert found is not None
+    assert tip_error_mm(found, tip) < 1.0
+
+
+def test_extreme_features_give_a_confidence_not_an_overflow():
+    # An end ratio over a near-zero shaft level can be huge either way; the confidence must
+    # saturate at 0 or 1 rather than raise (it did: math.exp overflowed mid-scan).
+    weights = NeedleConfig().confidence_weights
+    low = detection_features(0.5, 0.8, 50.0, 5.0, -1e6, 0.1, 1.0)
+    high = detection_features(0.5, 0.8, 50.0, 5.0, 1.0, -1e6, 1.0)
+    assert detection_confidence(weights, low) == 0.0
+    assert detection_confidence(weights, high) == 1.0
+    usual = detection_features(0.9, 0.8, 60.0, 8.0, 1.0, 0.05, 0.0)
+    assert 0.0 < detection_confidence(weights, usual) < 1.0

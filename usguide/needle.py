@@ -6,10 +6,12 @@ own line evidence:
 1. **Candidates**, on a half-size copy of the imaging region: the pixels the model labels needle
    and the brightest thin ridges of the image (a white top-hat keeps bright structures thinner
    than ~2 mm, so thick fascia bands drop out).
-2. **Shaft**: RANSAC line through the candidates, model pixels counting more; then a weighted fit
-   to the shaft's centre line at full resolution. When that line is not a convincing shaft, a
-   second line through the model pixels more than 1 mm from it is measured too, and the more
-   needle-like of the two is kept (the model can mark a longer bright line beside the needle).
+2. **Shaft**: RANSAC line through the candidates, model pixels counting more (of its inliers,
+   only the heaviest group with no gap over 6 mm along the line: a fleck in line with the needle
+   is not its continuation); then a weighted fit to the shaft's centre line at full resolution.
+   When that line is not a convincing shaft, a second line through the model pixels more than
+   1 mm from it is measured too, and the more needle-like of the two is kept (the model can mark
+   a longer bright line beside the needle).
 3. **Tip**: the intensity profile along the axis, minus the tissue just above the shaft (the
    reverberations are below it). The tip is where the profile falls to half the shaft's level
    near its far end: the half-maximum point, which is also how the needle renderer defines it.
@@ -47,6 +49,9 @@ Side = Literal["left", "right"]
 _BLACK = 10
 # Shafts whose angles differ by no more than this can be the same needle a frame later.
 _SAME_LINE_DEG = 5.0
+# The model's needle pixels on one line but further apart than this are separate structures (a
+# fleck of fascia in line with the shaft); out-of-plane gaps in one shaft are shorter.
+_SHAFT_GAP_MM = 6.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +333,7 @@ class NeedleDetector:
         # needle has: when the first line is not a convincing shaft, the line through the
         # remaining model pixels gets its chance, and the more needle-like of the two is kept.
         for _ in range(2 if from_model else 1):
-            fit = self._ransac(points, weights, tol=1.5)
+            fit = self._ransac(points, weights, tol=1.5, split=_SHAFT_GAP_MM / (mm_per_px * f))
             if fit is None:
                 break
             centre, direction, extent = fit
@@ -384,10 +389,13 @@ class NeedleDetector:
         return model, ridge_points, ridge[ys, xs].astype(np.float32) / 255.0
 
     def _ransac(
-        self, points: np.ndarray, weights: np.ndarray, tol: float
+        self, points: np.ndarray, weights: np.ndarray, tol: float, split: float
     ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]] | None:
         """Best line by weighted inliers: centre, unit direction pointing down the image, and the
-        inliers' extent (s_min, s_max) along it from the centre."""
+        inliers' extent (s_min, s_max) along it from the centre.
+
+        Inliers further apart along the line than ``split`` are separate structures; the
+        heaviest group is the shaft."""
         cfg = self.config
         n = len(points)
         k = cfg.ransac_iterations
@@ -416,6 +424,15 @@ class NeedleDetector:
         if mask.sum() < 2:
             return None
         pts, w = points[mask], weights[mask]
+        along = pts @ d[best]
+        order = np.argsort(along)
+        breaks = np.flatnonzero(np.diff(along[order]) > split) + 1
+        if breaks.size:
+            groups = np.split(order, breaks)
+            group = max(groups, key=lambda g: float(w[g].sum()))
+            if len(group) < 2:
+                return None
+            pts, w = pts[group], w[group]
         centre = (pts * w[:, None]).sum(0) / w.sum()
         cov = np.cov((pts - centre).T, aweights=w)
         direction = np.linalg.eigh(cov)[1][:, -1]
@@ -595,8 +612,8 @@ class NeedleDetector:
             wander * mm_per_px,
             entry_gap * mm_per_px,
         )
-        confidence = _logistic(cfg.confidence_weights, features)
-        shaft_confidence = _logistic(cfg.shaft_confidence_weights, features)
+        confidence = detection_confidence(cfg.confidence_weights, features)
+        shaft_confidence = detection_confidence(cfg.shaft_confidence_weights, features)
         return NeedleDetection(
             tip_xy=(float(tip[0]), float(tip[1])),
             entry_xy=(float(entry[0]), float(entry[1])),
@@ -635,8 +652,15 @@ def detection_features(
     )  # fmt: skip
 
 
-def _logistic(weights: tuple[float, ...], features: np.ndarray) -> float:
-    return 1.0 / (1.0 + math.exp(-float(np.dot(weights, features))))
+def detection_confidence(weights: tuple[float, ...], features: np.ndarray) -> float:
+    """Logistic of ``weights`` over :func:`detection_features`, in [0, 1]."""
+    z = float(np.dot(weights, features))
+    # Either branch keeps exp's argument <= 0: an extreme feature (an end ratio over a
+    # near-zero shaft level) must give a confidence of 0 or 1, not an overflow.
+    if z >= 0.0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
 
 
 def _robust_line(t: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
