@@ -276,20 +276,36 @@ def test_entry_gap_measures_where_the_shaft_begins(segmenter, scan, start_px):
     assert abs(found.entry_gap_px - start_px) * SPACING_MM < 1.5
 
 
+def needle_with_labels(image, box, angle_deg, entry_depth, length_px, seed):
+    """A needle entering the region's left edge at ``entry_depth`` (fraction of its height):
+    the rendered frame, labels marking exactly its pixels as needle, and ``along(t)``, the
+    point ``t`` px along the shaft from the entry (the tip is ``along(length_px)``)."""
+    x0, y0, _, y1 = box
+    d = (math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg)))
+    entry = (x0 - 0.5, y0 + entry_depth * (y1 - y0))
+
+    def along(t: float) -> tuple[float, float]:
+        return entry[0] + t * d[0], entry[1] + t * d[1]
+
+    drawn = render_needle(
+        image,
+        NeedlePose(entry, along(length_px), 8.0, None),
+        rng=np.random.default_rng(seed),
+        region=box,
+    )
+    labels = np.zeros(image.shape, np.uint8)
+    labels[drawn.mask] = 4
+    return drawn, labels, along
+
+
 def test_a_longer_false_line_in_the_labels_does_not_hide_the_needle(scan):
     # The model may mark needle on a bright line beside the needle with more pixels than the
     # needle itself: the detector must still report the needle, not the line or nothing.
     image, box = scan
     x0, y0, x1, y1 = box
-    d = (math.cos(math.radians(30.0)), math.sin(math.radians(30.0)))
-    entry = (x0 - 0.5, y0 + 0.15 * (y1 - y0))
-    tip = (entry[0] + 150.0 * d[0], entry[1] + 150.0 * d[1])
-    drawn = render_needle(
-        image, NeedlePose(entry, tip, 8.0, None), rng=np.random.default_rng(1), region=box
-    )
+    drawn, labels, along = needle_with_labels(image, box, 30.0, 0.15, 150.0, seed=1)
+    tip = along(150.0)
     frame = frame_of(drawn.image, 0, box)
-    labels = np.zeros(image.shape, np.uint8)
-    labels[drawn.mask] = 4
     # A label-only line, longer than the shaft, deep and at another angle, with nothing bright
     # under it in the image.
     a = (x0 + 20, int(y0 + 0.75 * (y1 - y0)))
@@ -329,22 +345,15 @@ def test_model_pixels_far_along_the_shaft_line_do_not_carry_the_tip_there(scan):
     # A fleck the model marks as needle far beyond the tip, on the shaft's line, over a bright
     # band longer than the shaft: one line through both, and the tip went to the band's end.
     image, box = scan
-    x0, y0, _, y1 = box
-    d = (math.cos(math.radians(20.0)), math.sin(math.radians(20.0)))
-    entry = (x0 - 0.5, y0 + 0.1 * (y1 - y0))
-    tip = (entry[0] + 100.0 * d[0], entry[1] + 100.0 * d[1])
-    drawn = render_needle(
-        image, NeedlePose(entry, tip, 8.0, None), rng=np.random.default_rng(2), region=box
-    )
+    drawn, labels, along = needle_with_labels(image, box, 20.0, 0.1, 100.0, seed=2)
+    tip = along(100.0)
     picture = drawn.image.copy()
-    labels = np.zeros(image.shape, np.uint8)
-    labels[drawn.mask] = 4
 
-    def along(t: float) -> tuple[int, int]:
-        return round(entry[0] + t * d[0]), round(entry[1] + t * d[1])
+    def px(t: float) -> tuple[int, int]:
+        return round(along(t)[0]), round(along(t)[1])
 
-    cv2.line(picture, along(200.0), along(380.0), (230, 230, 230), thickness=6)
-    cv2.line(labels, along(350.0), along(375.0), 4, thickness=5)
+    cv2.line(picture, px(200.0), px(380.0), (230, 230, 230), thickness=6)
+    cv2.line(labels, px(350.0), px(375.0), 4, thickness=5)
     found = NeedleStage().detector(frame_of(picture, 0, box), labels)
     assert found is not None
     assert tip_error_mm(found, tip) < 1.0
