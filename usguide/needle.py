@@ -337,9 +337,6 @@ class NeedleDetector:
             if fit is None:
                 break
             centre, direction, extent = fit
-            # Everything within 1 mm of this line is this structure, edges included.
-            off = (points - centre) @ _down_normal(direction)
-            elsewhere = np.abs(off) > max(1.5, 1.0 / (mm_per_px * f))
             found = self._measure(
                 grey,
                 model_mask,
@@ -356,6 +353,9 @@ class NeedleDetector:
                 best = found
             if best is not None and best.shaft_confidence >= cfg.min_confidence:
                 break
+            # Everything within 1 mm of this line is this structure, edges included.
+            off = (points - centre) @ _down_normal(direction)
+            elsewhere = np.abs(off) > max(1.5, 1.0 / (mm_per_px * f))
             points, weights = points[elsewhere], weights[elsewhere]
             if len(points) < 8:
                 break
