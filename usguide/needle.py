@@ -52,6 +52,9 @@ _SAME_LINE_DEG = 5.0
 # The model's needle pixels on one line but further apart than this are separate structures (a
 # fleck of fascia in line with the shaft); out-of-plane gaps in one shaft are shorter.
 _SHAFT_GAP_MM = 6.0
+# A re-centring of the shaft's axis that moves it less than this anywhere along the band has
+# converged (the tip is located to about a pixel).
+_AXIS_SETTLED_PX = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,21 +375,23 @@ class NeedleDetector:
             x0, y0 = frame.region.bbox[:2]
             # Each small pixel's label is the label at its centre in the full frame.
             sub = labels[y0 + f // 2 : y0 + h * f : f, x0 + f // 2 : x0 + w * f : f]
-            ys, xs = np.nonzero(sub == NEEDLE)
-            if len(xs) > 600:
-                keep = self._rng.choice(len(xs), 600, replace=False)
-                xs, ys = xs[keep], ys[keep]
-            model = np.column_stack([xs, ys]).astype(np.float32)
-        hist = np.bincount(ridge.ravel(), minlength=256)
+            is_needle = cv2.compare(np.ascontiguousarray(sub), NEEDLE, cv2.CMP_EQ)
+            model = self._at_most(_nonzero_xy(is_needle), 600).astype(np.float32)
+        hist = cv2.calcHist([ridge], [0], None, [256], [0, 256]).ravel()
         # The brightest 0.5 % of ridges, and never below the least contrast of a shaft.
         above = np.cumsum(hist[::-1])
         top = 255 - int(np.searchsorted(above, 0.005 * ridge.size))
-        ys, xs = np.nonzero(ridge >= max(int(cfg.min_contrast), top))
-        if len(xs) > 600:
-            keep = self._rng.choice(len(xs), 600, replace=False)
-            xs, ys = xs[keep], ys[keep]
-        ridge_points = np.column_stack([xs, ys]).astype(np.float32)
-        return model, ridge_points, ridge[ys, xs].astype(np.float32) / 255.0
+        least = max(int(cfg.min_contrast), top)
+        bright = cv2.threshold(ridge, least - 1, 255, cv2.THRESH_BINARY)[1]
+        xy = self._at_most(_nonzero_xy(bright), 600)
+        weights = ridge[xy[:, 1], xy[:, 0]].astype(np.float32) / 255.0
+        return model, xy.astype(np.float32), weights
+
+    def _at_most(self, points: np.ndarray, n: int) -> np.ndarray:
+        """A random ``n`` of the points when there are more (RANSAC needs no more)."""
+        if len(points) <= n:
+            return points
+        return points[self._rng.choice(len(points), n, replace=False)]
 
     def _ransac(
         self, points: np.ndarray, weights: np.ndarray, tol: float, split: float
@@ -434,8 +439,16 @@ class NeedleDetector:
                 return None
             pts, w = pts[group], w[group]
         centre = (pts * w[:, None]).sum(0) / w.sum()
-        cov = np.cov((pts - centre).T, aweights=w)
-        direction = np.linalg.eigh(cov)[1][:, -1]
+        q = pts - centre
+        wq = q * w[:, None]
+        sxx, syy, sxy = (
+            float(wq[:, 0] @ q[:, 0]),
+            float(wq[:, 1] @ q[:, 1]),
+            float(wq[:, 0] @ q[:, 1]),
+        )
+        # Major axis of the weighted scatter, in closed form (a 2 x 2 eigenproblem).
+        theta = 0.5 * math.atan2(2.0 * sxy, sxx - syy)
+        direction = np.array([math.cos(theta), math.sin(theta)])
         if direction[1] < 0:
             direction = -direction
         s = (pts - centre) @ direction
@@ -453,13 +466,19 @@ class NeedleDetector:
         """Grey levels on a band along the axis: ``(len(s), 2*half+1)``, rows along the shaft,
         columns across it (negative is above the shaft)."""
         normal = _down_normal(direction)
-        v = np.arange(-half, half + 1, dtype=np.float64)
-        xs = centre[0] + s[:, None] * direction[0] + v[None, :] * normal[0]
-        ys = centre[1] + s[:, None] * direction[1] + v[None, :] * normal[1]
+        # The maps in float32 from the start (remap's type): several bands are sampled a frame.
+        along = s.astype(np.float32)
+        across = np.arange(-half, half + 1, dtype=np.float32)
+        xs = np.add.outer(
+            along * np.float32(direction[0]) + np.float32(centre[0]), across * np.float32(normal[0])
+        )
+        ys = np.add.outer(
+            along * np.float32(direction[1]) + np.float32(centre[1]), across * np.float32(normal[1])
+        )
         band = cv2.remap(
             image,
-            xs.astype(np.float32),
-            ys.astype(np.float32),
+            xs,
+            ys,
             interpolation,
             borderMode=cv2.BORDER_CONSTANT,
             borderValue=0,
@@ -505,6 +524,8 @@ class NeedleDetector:
             if use.sum() < 4:
                 break
             slope, intercept = _robust_line(s[use], offsets[use], np.sqrt(strength[use]))
+            if abs(intercept) + abs(slope) * max(-s[0], s[-1]) < _AXIS_SETTLED_PX:
+                break  # the band already lies on the shaft: sampling it again gains nothing
             centre = centre + intercept * _down_normal(direction)
             direction = direction + slope * _down_normal(direction)
             direction /= math.hypot(direction[0], direction[1])
@@ -700,6 +721,12 @@ def _centre_offsets(
     strength = inner.sum(1)
     offsets = (inner @ np.arange(-reach, reach + 1, dtype=np.float32)) / np.maximum(strength, 1e-6)
     return offsets.astype(np.float64), strength
+
+
+def _nonzero_xy(mask: np.ndarray) -> np.ndarray:
+    """``(N, 2)`` int32 (x, y) of a uint8 mask's nonzero pixels, row by row (as ``np.nonzero``)."""
+    xy = cv2.findNonZero(mask)
+    return np.empty((0, 2), np.int32) if xy is None else xy.reshape(-1, 2)
 
 
 def _down_normal(direction: np.ndarray) -> np.ndarray:
