@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/needle_tracking.py [--model PATH] [--data DIR] [--sequences 32] [--frames 80]
+                                         [--baseline GIT_REV]
 
 Sequences: a needle rendered (``usguide.data.needle_render.needle_sequence``) onto real frames of
 the validation split of both data sets (USGRA-Seg nerve-block scans and DL_Track muscle scans),
@@ -25,7 +26,9 @@ Figures:
 - shaft angle error p95 by drawn shaft length (frames in brackets): a few mm of shaft fix its
   angle poorly;
 - frames to pick the tip up again after it was invisible for at least 3 frames;
-- cost of detection and tracking per 640 x 480 frame (segmentation excluded), 2 threads.
+- cost of detection and tracking per 640 x 480 frame (segmentation excluded), 2 threads. With
+  ``--baseline REV``, ``usguide/needle.py`` as of that git revision is timed on the same frames
+  in the same run, rounds alternating, and the ratio is reported.
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ import argparse
 import math
 import os
 import platform
+import subprocess
+import sys
 import time
+import types
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -190,8 +197,30 @@ def _angle_bin(angle_deg: float) -> str:
     return next(reversed(ANGLE_BINS))
 
 
-def cost(model: str, root: str | None, n_frames: int, seed: int) -> dict:
-    """ms per 640 x 480 frame for detection + tracking, labels computed beforehand."""
+def baseline_stage(rev: str) -> Callable[[], NeedleStage]:
+    """``NeedleStage`` of ``usguide/needle.py`` as of git revision ``rev``, loaded beside the
+    current one, for timing both in one run."""
+    repo = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{rev}:usguide/needle.py"],
+        cwd=repo, check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    module = types.ModuleType(f"needle_at_{rev}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{rev}:usguide/needle.py", "exec"), module.__dict__)
+    return module.NeedleStage
+
+
+def cost(
+    model: str,
+    root: str | None,
+    n_frames: int,
+    seed: int,
+    stages: dict[str, Callable[[], NeedleStage]],
+    rounds: int = 3,
+) -> dict[str, dict[str, float]]:
+    """ms per 640 x 480 frame for detection + tracking, labels computed beforehand, for each of
+    ``stages`` on the same frames, rounds alternating between them."""
     sample = UsgraSeg(root)[0]
     image = cv2.resize(sample.image, (640, 480), interpolation=cv2.INTER_AREA)
     box = find_imaging_region(image) or (0, 0, 639, 479)
@@ -201,20 +230,24 @@ def cost(model: str, root: str | None, n_frames: int, seed: int) -> dict:
     for i, (img, _) in enumerate(needle_sequence(image, n_frames, rng, region=box)):
         frame = Frame(img, i, i / 20.0, None, Region(box, None, True, "detected"), "bench")
         frames.append((frame, segmenter(frame).copy()))
-    stage = NeedleStage()
-    for frame, labels in frames[:10]:
-        stage(frame, labels)
-    stage.reset()
-    times = []
-    for frame, labels in frames:
-        t0 = time.perf_counter()
-        stage(frame, labels)
-        times.append((time.perf_counter() - t0) * 1e3)
-    t = np.array(times)
+    times: dict[str, list[float]] = {name: [] for name in stages}
+    for _ in range(rounds):
+        for name, make in stages.items():
+            stage = make()
+            for frame, labels in frames[:10]:
+                stage(frame, labels)
+            stage.reset()
+            for frame, labels in frames:
+                t0 = time.perf_counter()
+                stage(frame, labels)
+                times[name].append((time.perf_counter() - t0) * 1e3)
     return {
-        "median": float(np.median(t)),
-        "p95": float(np.percentile(t, 95)),
-        "p99": float(np.percentile(t, 99)),
+        name: {
+            "median": float(np.median(t)),
+            "p95": float(np.percentile(t, 95)),
+            "p99": float(np.percentile(t, 99)),
+        }
+        for name, t in times.items()
     }
 
 
@@ -225,6 +258,9 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=32, help="per data set")
     parser.add_argument("--frames", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--baseline", default=None, help="git revision whose needle stage is timed alongside"
+    )
     args = parser.parse_args()
     cv2.setNumThreads(2)
     print(
@@ -236,7 +272,11 @@ def main() -> None:
     )
     r = run(args.model, args.data, args.sequences, args.frames, args.seed)
     print(f"frames {r['frames']}, tip truly visible in {r['tip_visible_frames']}\n")
-    c = cost(args.model, args.data, 300, args.seed)
+    stages: dict[str, Callable[[], NeedleStage]] = {"current": NeedleStage}
+    if args.baseline:
+        stages[args.baseline] = baseline_stage(args.baseline)
+    costs = cost(args.model, args.data, 300, args.seed, stages)
+    c = costs["current"]
     rows = [
         ("median tip error", f"{r['median_mm']:.2f} mm", "<= 0.5 mm"),
         ("95th percentile tip error", f"{r['p95_mm']:.2f} mm", "<= 1.5 mm"),
@@ -296,6 +336,14 @@ def main() -> None:
     print("|---|---|---|")
     for name, value, target in rows:
         print(f"| {name} | {value} | {target} |")
+    if args.baseline:
+        base = costs[args.baseline]
+        print("\n| detection + tracking, same frames, rounds alternating | median | p95 | p99 |")
+        print("|---|---|---|---|")
+        for name, t in costs.items():
+            print(f"| {name} | {t['median']:.2f} | {t['p95']:.2f} | {t['p99']:.2f} ms |")
+        ratios = " | ".join(f"{c[k] / base[k]:.2f}" for k in ("median", "p95", "p99"))
+        print(f"| ratio current / {args.baseline} | {ratios} |")
 
 
 if __name__ == "__main__":
