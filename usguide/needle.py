@@ -519,7 +519,8 @@ class NeedleDetector:
                 break
             # Re-centre the axis on the ridge: the offset of the brightness centroid across the
             # shaft, fitted along the part the candidates cover.
-            offsets, strength = _centre_offsets(band, background, half, reach)
+            within = _within_across(centre, direction, s, width, height, reach)
+            offsets, strength = _centre_offsets(band, background, half, reach, within)
             use = (s >= extent[0]) & (s <= extent[1]) & (strength > 0.25 * strength.max())
             if use.sum() < 4:
                 break
@@ -560,7 +561,8 @@ class NeedleDetector:
             return None
         contrast = float(np.percentile(profile[start:stop], 75))
         # A needle is straight: its centre line stays on the fitted axis (fascia curves away).
-        offsets, strength = _centre_offsets(band, background, half, reach)
+        within = _within_across(centre, direction, s, width, height, reach)
+        offsets, strength = _centre_offsets(band, background, half, reach, within)
         on_shaft = strength[start:stop] > 0
         wander = (
             float(np.sqrt(np.mean(offsets[start:stop][on_shaft] ** 2))) if on_shaft.any() else 0.0
@@ -708,18 +710,43 @@ def _weighted_line(t: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, 
     return float(a), float((sy - a * st) / sw)
 
 
+def _within_across(
+    c: np.ndarray, d: np.ndarray, s: np.ndarray, width: int, height: int, reach: int
+) -> np.ndarray:
+    """Per position ``s`` on the axis, how far (px, at most ``reach``) the cross-section stays
+    inside the image on both sides of the axis."""
+    normal = _down_normal(d)
+    lo = np.full(s.shape, -float(reach))
+    hi = np.full(s.shape, float(reach))
+    for p0, v, n, limit in (
+        (c[0], d[0], normal[0], width - 1),
+        (c[1], d[1], normal[1], height - 1),
+    ):
+        if abs(n) < 1e-9:
+            continue
+        p = p0 + s * v
+        a, b = (0.0 - p) / n, (limit - p) / n
+        np.maximum(lo, np.minimum(a, b), out=lo)
+        np.minimum(hi, np.maximum(a, b), out=hi)
+    return np.clip(np.minimum(-lo, hi), 0.0, float(reach))
+
+
 def _centre_offsets(
-    band: np.ndarray, background: np.ndarray, half: int, reach: int
+    band: np.ndarray, background: np.ndarray, half: int, reach: int, within: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Offset of the shaft's centre from the axis at each position, and its weight.
 
     The centroid of what lies above half the maximum across the shaft: the centre of a thick
-    shaft whatever its wall pattern.
+    shaft whatever its wall pattern. Only a window symmetric about the axis counts, as wide as
+    the image allows (``within``): where the image's edge cuts the shaft, the centroid of what
+    is left would lie off the shaft's centre.
     """
     inner = band[:, half - reach : half + reach + 1] - background[:, None]
+    across = np.arange(-reach, reach + 1, dtype=np.float32)
+    inner[np.abs(across)[None, :] > within[:, None] + 1e-6] = 0.0
     inner = np.maximum(inner - 0.5 * inner.max(1, keepdims=True), 0.0)
     strength = inner.sum(1)
-    offsets = (inner @ np.arange(-reach, reach + 1, dtype=np.float32)) / np.maximum(strength, 1e-6)
+    offsets = (inner @ across) / np.maximum(strength, 1e-6)
     return offsets.astype(np.float64), strength
 
 
