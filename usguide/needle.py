@@ -519,12 +519,22 @@ class NeedleDetector:
                 break
             # Re-centre the axis on the ridge: the offset of the brightness centroid across the
             # shaft, fitted along the part the candidates cover.
-            within = _within_across(centre, direction, s, width, height, reach)
-            offsets, strength = _centre_offsets(band, background, half, reach, within)
-            use = (s >= extent[0]) & (s <= extent[1]) & (strength > 0.25 * strength.max())
+            i0 = int(np.searchsorted(s, extent[0]))
+            i1 = int(np.searchsorted(s, extent[1], side="right"))
+            if i1 - i0 < 4:
+                break
+            offsets, strength = _centre_offsets(
+                band[i0:i1],
+                background[i0:i1],
+                half,
+                reach,
+                _within_across(centre, direction, s[i0:i1], width, height, reach),
+            )
+            use = strength > 0.25 * strength.max()
             if use.sum() < 4:
                 break
-            slope, intercept = _robust_line(s[use], offsets[use], np.sqrt(strength[use]))
+            along = s[i0:i1][use]
+            slope, intercept = _robust_line(along, offsets[use], np.sqrt(strength[use]))
             if abs(intercept) + abs(slope) * max(-s[0], s[-1]) < _AXIS_SETTLED_PX:
                 break  # the band already lies on the shaft: sampling it again gains nothing
             centre = centre + intercept * _down_normal(direction)
@@ -561,12 +571,15 @@ class NeedleDetector:
             return None
         contrast = float(np.percentile(profile[start:stop], 75))
         # A needle is straight: its centre line stays on the fitted axis (fascia curves away).
-        within = _within_across(centre, direction, s, width, height, reach)
-        offsets, strength = _centre_offsets(band, background, half, reach, within)
-        on_shaft = strength[start:stop] > 0
-        wander = (
-            float(np.sqrt(np.mean(offsets[start:stop][on_shaft] ** 2))) if on_shaft.any() else 0.0
+        offsets, strength = _centre_offsets(
+            band[start:stop],
+            background[start:stop],
+            half,
+            reach,
+            _within_across(centre, direction, s[start:stop], width, height, reach),
         )
+        on_shaft = strength > 0
+        wander = float(np.sqrt(np.mean(offsets[on_shaft] ** 2))) if on_shaft.any() else 0.0
         # Tip: the half-maximum of the shaft's end (bevel included), crossed going outward.
         bevel = max(2, round(cfg.bevel_mm / mm_per_px))
         # The model's needle pixels end near the tip: bright tissue in line far beyond them does
@@ -715,20 +728,33 @@ def _within_across(
 ) -> np.ndarray:
     """Per position ``s`` on the axis, how far (px, at most ``reach``) the cross-section stays
     inside the image on both sides of the axis."""
+    within = np.full(s.shape, float(reach))
     normal = _down_normal(d)
-    lo = np.full(s.shape, -float(reach))
-    hi = np.full(s.shape, float(reach))
+    # Most cross-sections lie wholly inside: those between where the band's two edge lines
+    # leave the image. Only the others are measured one by one.
+    edges = [_box_range(c + k * reach * normal, d, width, height) for k in (-1, 1)]
+    if edges[0] is not None and edges[1] is not None:
+        cut = np.flatnonzero(
+            (s < max(edges[0][0], edges[1][0])) | (s > min(edges[0][1], edges[1][1]))
+        )
+    else:
+        cut = np.arange(s.size)
+    if cut.size == 0:
+        return within
+    lo = np.full(cut.size, -float(reach))
+    hi = np.full(cut.size, float(reach))
     for p0, v, n, limit in (
-        (c[0], d[0], normal[0], width - 1),
-        (c[1], d[1], normal[1], height - 1),
+        (c[0], d[0], normal[0], width - 0.5),
+        (c[1], d[1], normal[1], height - 0.5),
     ):
         if abs(n) < 1e-9:
             continue
-        p = p0 + s * v
-        a, b = (0.0 - p) / n, (limit - p) / n
+        p = p0 + s[cut] * v
+        a, b = (-0.5 - p) / n, (limit - p) / n
         np.maximum(lo, np.minimum(a, b), out=lo)
         np.minimum(hi, np.maximum(a, b), out=hi)
-    return np.clip(np.minimum(-lo, hi), 0.0, float(reach))
+    within[cut] = np.clip(np.minimum(-lo, hi), 0.0, float(reach))
+    return within
 
 
 def _centre_offsets(
@@ -743,7 +769,9 @@ def _centre_offsets(
     """
     inner = band[:, half - reach : half + reach + 1] - background[:, None]
     across = np.arange(-reach, reach + 1, dtype=np.float32)
-    inner[np.abs(across)[None, :] > within[:, None] + 1e-6] = 0.0
+    cut = np.flatnonzero(within < reach)
+    if cut.size:
+        inner[cut] *= np.abs(across)[None, :] <= within[cut, None] + 1e-6
     inner = np.maximum(inner - 0.5 * inner.max(1, keepdims=True), 0.0)
     strength = inner.sum(1)
     offsets = (inner @ across) / np.maximum(strength, 1e-6)
