@@ -523,12 +523,8 @@ class NeedleDetector:
             i1 = int(np.searchsorted(s, extent[1], side="right"))
             if i1 - i0 < 4:
                 break
-            offsets, strength = _centre_offsets(
-                band[i0:i1],
-                background[i0:i1],
-                half,
-                reach,
-                _within_across(centre, direction, s[i0:i1], width, height, reach),
+            offsets, strength = _shaft_centre(
+                band, background, s, slice(i0, i1), centre, direction, grey.shape, reach
             )
             use = strength > 0.25 * strength.max()
             if use.sum() < 4:
@@ -571,12 +567,8 @@ class NeedleDetector:
             return None
         contrast = float(np.percentile(profile[start:stop], 75))
         # A needle is straight: its centre line stays on the fitted axis (fascia curves away).
-        offsets, strength = _centre_offsets(
-            band[start:stop],
-            background[start:stop],
-            half,
-            reach,
-            _within_across(centre, direction, s[start:stop], width, height, reach),
+        offsets, strength = _shaft_centre(
+            band, background, s, slice(start, stop), centre, direction, grey.shape, reach
         )
         on_shaft = strength > 0
         wander = float(np.sqrt(np.mean(offsets[on_shaft] ** 2))) if on_shaft.any() else 0.0
@@ -721,6 +713,23 @@ def _weighted_line(t: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, 
         return 0.0, float(sy / sw) if sw > 0 else 0.0
     a = (sw * (ww @ (t * y)) - st * sy) / den
     return float(a), float((sy - a * st) / sw)
+
+
+def _shaft_centre(
+    band: np.ndarray,
+    background: np.ndarray,
+    s: np.ndarray,
+    rows: slice,
+    centre: np.ndarray,
+    direction: np.ndarray,
+    shape: tuple[int, ...],
+    reach: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_centre_offsets` on the cross-sections ``rows`` of a band sampled along
+    ``centre + s * direction`` in an image of ``shape``."""
+    half = band.shape[1] // 2
+    within = _within_across(centre, direction, s[rows], shape[1], shape[0], reach)
+    return _centre_offsets(band[rows], background[rows], half, reach, within)
 
 
 def _within_across(
