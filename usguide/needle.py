@@ -737,33 +737,17 @@ def _within_across(
 ) -> np.ndarray:
     """Per position ``s`` on the axis, how far (px, at most ``reach``) the cross-section stays
     inside the image on both sides of the axis."""
-    within = np.full(s.shape, float(reach))
     normal = _down_normal(d)
-    # Most cross-sections lie wholly inside: those between where the band's two edge lines
-    # leave the image. Only the others are measured one by one.
-    edges = [_box_range(c + k * reach * normal, d, width, height) for k in (-1, 1)]
-    if edges[0] is not None and edges[1] is not None:
-        cut = np.flatnonzero(
-            (s < max(edges[0][0], edges[1][0])) | (s > min(edges[0][1], edges[1][1]))
-        )
-    else:
-        cut = np.arange(s.size)
-    if cut.size == 0:
-        return within
-    lo = np.full(cut.size, -float(reach))
-    hi = np.full(cut.size, float(reach))
-    for p0, v, n, limit in (
-        (c[0], d[0], normal[0], width - 0.5),
-        (c[1], d[1], normal[1], height - 0.5),
-    ):
+    lo = np.full(s.shape, -float(reach))
+    hi = np.full(s.shape, float(reach))
+    for p0, v, n, limit in ((c[0], d[0], normal[0], width), (c[1], d[1], normal[1], height)):
         if abs(n) < 1e-9:
             continue
-        p = p0 + s[cut] * v
-        a, b = (-0.5 - p) / n, (limit - p) / n
+        p = p0 + s * v
+        a, b = (-0.5 - p) / n, (limit - 0.5 - p) / n
         np.maximum(lo, np.minimum(a, b), out=lo)
         np.minimum(hi, np.maximum(a, b), out=hi)
-    within[cut] = np.clip(np.minimum(-lo, hi), 0.0, float(reach))
-    return within
+    return np.clip(np.minimum(-lo, hi), 0.0, float(reach))
 
 
 def _centre_offsets(
