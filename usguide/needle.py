@@ -8,7 +8,9 @@ own line evidence:
    than ~2 mm, so thick fascia bands drop out).
 2. **Shaft**: RANSAC line through the candidates, model pixels counting more (of its inliers,
    only the heaviest group with no gap over 6 mm along the line: a fleck in line with the needle
-   is not its continuation); then a weighted fit to the shaft's centre line at full resolution.
+   is not its continuation); then a weighted fit to the shaft's centre line at full resolution
+   (each centre measured on a window symmetric about the axis, so the image's edge cutting the
+   shaft does not tilt it).
    When that line is not a convincing shaft, a second line through the model pixels more than
    1 mm from it is measured too, and the more needle-like of the two is kept (the model can mark
    a longer bright line beside the needle).
