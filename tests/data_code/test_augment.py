@@ -15,6 +15,7 @@ from usguide.data.augment import (
     UltrasoundAugment,
     default_transforms,
     resize_pair,
+    sector_mask,
     warp_pair,
 )
 from usguide.data.datasets import Sample
@@ -231,3 +232,21 @@ def test_bad_inputs_raise(pair) -> None:
 def test_default_chain_has_every_kind() -> None:
     kinds = {type(t) for t in default_transforms()}
     assert kinds == {RandomCropScale, RandomAffine, RandomFlip, RandomGain, DepthGain, Speckle}
+
+
+def test_sector_mask_leaves_the_corners_of_the_box_unimaged() -> None:
+    h, w = 300, 400
+    fan = sector_mask(h, w, apex_above=0.6, sides_at=0.75)
+    assert fan.shape == (h, w) and fan.dtype == bool
+    assert not fan[0, 0] and not fan[0, -1]  # beside the fan's top
+    assert not fan[-1, 0] and not fan[-1, -1]  # below its arc, at the sides
+    assert fan[0, w // 2] and fan[h - 1, w // 2] and fan[h // 2, w // 2]
+    # The straight sides reach the box's edges at 0.75 of its height, not above.
+    row = round(0.75 * h)
+    assert fan[row + 2, 0] and not fan[row - 10, 0]
+    assert fan[row + 2, -1] and not fan[row - 10, -1]
+    np.testing.assert_array_equal(fan, fan[:, ::-1])  # symmetric about the centre line
+    with pytest.raises(ValueError):
+        sector_mask(0, w)
+    with pytest.raises(ValueError):
+        sector_mask(h, w, apex_above=0.0)

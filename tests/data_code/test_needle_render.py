@@ -436,6 +436,31 @@ def test_sequence_phases_and_truth(real_frame: tuple) -> None:
     assert not np.array_equal(frames[0][0], frames[3][0])
 
 
+def test_truth_within_an_imaged_area(real_frame: tuple) -> None:
+    # A sector shows only part of the needle: the truth keeps the drawn pixels inside it, and
+    # the tip is visible only when it lies inside.
+    grey, region, spacing = real_frame
+    phases = [("advance", 12)]
+    frames = list(
+        needle_sequence(
+            grey, 12, np.random.default_rng(4), spacing_mm=spacing, region=region, phases=phases
+        )
+    )
+    truth = next(t for _, t in reversed(frames) if t.tip_visible)
+    assert truth.tip_xy is not None
+    tx, ty = round(truth.tip_xy[0]), round(truth.tip_xy[1])
+    everywhere = np.ones(grey.shape, bool)
+    same = truth.within(everywhere)
+    assert same.tip_visible and np.array_equal(same.mask, truth.mask)
+    no_tip = everywhere.copy()
+    no_tip[ty - 3 : ty + 4, tx - 3 : tx + 4] = False
+    cut = truth.within(no_tip)
+    assert not cut.tip_visible
+    assert cut.mask.sum() < truth.mask.sum() and not cut.mask[~no_tip].any()
+    assert cut.present and cut.tip_xy == truth.tip_xy and cut.angle_deg == truth.angle_deg
+    assert not truth.within(np.zeros(grey.shape, bool)).mask.any()
+
+
 def test_sequence_is_deterministic_and_varied(speckle: np.ndarray) -> None:
     small = speckle[:240, :320]
 

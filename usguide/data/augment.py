@@ -60,6 +60,7 @@ __all__ = [
     "UltrasoundAugment",
     "default_transforms",
     "resize_pair",
+    "sector_mask",
     "warp_pair",
 ]
 
@@ -446,6 +447,29 @@ class Speckle(IntensityTransform):
         out *= factor
         np.clip(out, 0.0, 255.0, out=out)
         return out.astype(np.uint8)
+
+
+def sector_mask(
+    height: int, width: int, apex_above: float = 0.6, sides_at: float = 0.75
+) -> np.ndarray:
+    """Where a curvilinear (convex) probe's image lies in a ``height`` x ``width`` box: ``(H, W)``
+    bool, True inside the fan.
+
+    The fan's apex is ``apex_above`` x ``height`` above the box's top centre; its straight sides
+    reach the box's left and right edges at ``sides_at`` x ``height``; its top arc passes through
+    the top centre and its bottom arc ``height`` further out. The box's top corners, and its
+    bottom corners below the arc, hold no image, as beside a real sector.
+    """
+    if height < 1 or width < 1 or apex_above <= 0 or sides_at <= 0:
+        raise ValueError("sector_mask needs a non-empty box and positive apex_above and sides_at")
+    cx = (width - 1) / 2.0
+    apex_y = -apex_above * height
+    half_angle = math.atan2(width / 2.0, sides_at * height - apex_y)
+    yy, xx = np.mgrid[0:height, 0:width]
+    angle = np.arctan2(xx - cx, yy - apex_y)
+    radius = np.hypot(xx - cx, yy - apex_y)
+    inner = -apex_y
+    return (np.abs(angle) <= half_angle) & (radius >= inner) & (radius <= inner + height)
 
 
 def default_transforms() -> tuple[Transform, ...]:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import cv2
@@ -192,6 +192,17 @@ class NeedleTruth:
     angle_deg: float | None
     mask: np.ndarray
     pose: NeedlePose | None
+
+    def within(self, imaged: np.ndarray) -> NeedleTruth:
+        """The truth of the same frame with no image outside ``imaged`` (``(H, W)`` bool, the
+        frame's pixels outside it blacked out, as beside a sector): only the shaft inside is
+        drawn, and the tip is visible only inside."""
+        tip_visible = False
+        if self.tip_visible and self.tip_xy is not None:
+            x, y = round(self.tip_xy[0]), round(self.tip_xy[1])
+            h, w = imaged.shape
+            tip_visible = 0 <= x < w and 0 <= y < h and bool(imaged[y, x])
+        return replace(self, mask=self.mask & imaged, tip_visible=tip_visible)
 
 
 def angular_gain(angle_deg: float) -> float:
