@@ -3,13 +3,16 @@
 Usage::
 
     python benchmarks/needle_tracking.py [--model PATH] [--data DIR] [--sequences 32] [--frames 80]
-                                         [--baseline GIT_REV]
+                                         [--sector] [--baseline GIT_REV]
 
 Sequences: a needle rendered (``usguide.data.needle_render.needle_sequence``) onto real frames of
 the validation split of both data sets (USGRA-Seg nerve-block scans and DL_Track muscle scans),
 with simulated probe motion; the needle advances, pauses, withdraws, pivots, drifts partly out
 of plane and is absent for stretches. Each frame goes through the shipped segmentation model,
-then :class:`usguide.needle.NeedleStage`.
+then :class:`usguide.needle.NeedleStage`. With ``--sector`` the same sequences are shown as a
+curvilinear probe shows them: everything outside a fan inside the imaging region
+(:func:`usguide.data.augment.sector_mask`) is black, and the truth is cut to the fan (the frames
+of both data sets come from linear probes).
 
 Figures:
 
@@ -47,6 +50,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from usguide.data.augment import sector_mask
 from usguide.data.datasets import DlTrackApo, UsgraSeg, split
 from usguide.data.needle_render import DEFAULT_SPACING_MM, NeedleTruth, needle_sequence
 from usguide.frame import Frame, Region
@@ -63,11 +67,17 @@ DRAWN_BINS = {"< 5 mm": (0.0, 5.0), "5-10 mm": (5.0, 10.0), ">= 10 mm": (10.0, m
 
 
 def sequences(
-    root: str | None, n_per_set: int, n_frames: int, seed: int, subset: str = "validation"
+    root: str | None,
+    n_per_set: int,
+    n_frames: int,
+    seed: int,
+    subset: str = "validation",
+    sector: bool = False,
 ):
     """(name, frames, truths, region) per sequence, from images of one split of both sets.
 
-    Every image of the split is used once before any is used again (with another needle)."""
+    Every image of the split is used once before any is used again (with another needle). With
+    ``sector``, nothing outside a fan inside the region is imaged (the same sequences otherwise)."""
     rng = np.random.default_rng(seed)
     for dataset in (UsgraSeg(root), DlTrackApo(root)):
         train, val = split(dataset, val_fraction=0.2, seed=0)
@@ -81,8 +91,16 @@ def sequences(
             box = find_imaging_region(sample.image) or (
                 0, 0, sample.image.shape[1] - 1, sample.image.shape[0] - 1
             )  # fmt: skip
+            imaged = None
+            if sector:
+                x0, y0, x1, y1 = box
+                imaged = np.zeros(sample.image.shape[:2], bool)
+                imaged[y0 : y1 + 1, x0 : x1 + 1] = sector_mask(y1 - y0 + 1, x1 - x0 + 1)
             frames, truths = [], []
             for image, truth in needle_sequence(sample.image, n_frames, rng, region=box):
+                if imaged is not None:
+                    image = image * (imaged if image.ndim == 2 else imaged[..., None])
+                    truth = truth.within(imaged)
                 frames.append(image)
                 truths.append(truth)
             yield f"{dataset.__class__.__name__}/{sample.name}", frames, truths, box
@@ -100,7 +118,9 @@ def needle_in_image(truth: NeedleTruth) -> bool:
     return drawn_mm(truth) >= MIN_DRAWN_MM
 
 
-def run(model: str, root: str | None, n_per_set: int, n_frames: int, seed: int) -> dict:
+def run(
+    model: str, root: str | None, n_per_set: int, n_frames: int, seed: int, sector: bool = False
+) -> dict:
     segmenter = Segmenter(model)
     stage = NeedleStage()
     tip_err, angle_err, reacquire = [], [], []
@@ -110,7 +130,7 @@ def run(model: str, root: str | None, n_per_set: int, n_frames: int, seed: int) 
     # Needle-in-image frames and those found, by insertion angle and by kind of scan.
     found_by: dict[str, list[int]] = {k: [0, 0] for k in (*ANGLE_BINS, *SCANS.values())}
     misses = 0
-    for name, frames, truths, box in sequences(root, n_per_set, n_frames, seed):
+    for name, frames, truths, box in sequences(root, n_per_set, n_frames, seed, sector=sector):
         scan = SCANS[name.split("/")[0]]
         segmenter.reset()
         stage.reset()
@@ -259,6 +279,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--sector", action="store_true", help="show the sequences as a curvilinear probe would"
+    )
+    parser.add_argument(
         "--baseline", default=None, help="git revision whose needle stage is timed alongside"
     )
     args = parser.parse_args()
@@ -269,8 +292,9 @@ def main() -> None:
     print(
         f"model: {args.model}; {args.sequences} sequences per data set x {args.frames} frames; "
         f"mm at the nominal {DEFAULT_SPACING_MM} mm per pixel"
+        + ("; shown as a curvilinear probe's sector" if args.sector else "")
     )
-    r = run(args.model, args.data, args.sequences, args.frames, args.seed)
+    r = run(args.model, args.data, args.sequences, args.frames, args.seed, args.sector)
     print(f"frames {r['frames']}, tip truly visible in {r['tip_visible_frames']}\n")
     stages: dict[str, Callable[[], NeedleStage]] = {"current": NeedleStage}
     if args.baseline:
