@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
+from usguide.data.augment import sector_mask
 from usguide.data.needle_render import NeedlePose, needle_sequence, render_needle
 from usguide.frame import Frame, Region
 from usguide.imaging_region import find_imaging_region
@@ -391,3 +392,52 @@ def test_shaft_cut_by_the_top_edge_keeps_its_angle():
         assert found is not None
         errors.append(abs(found.angle_deg - drawn.angle_deg))
     assert np.mean(errors) <= 0.5
+
+
+def sector_of(image: np.ndarray, box) -> np.ndarray:
+    """Where a curvilinear probe's fan inside ``box`` images, ``(H, W)`` bool."""
+    x0, y0, x1, y1 = box
+    imaged = np.zeros(image.shape[:2], bool)
+    imaged[y0 : y1 + 1, x0 : x1 + 1] = sector_mask(y1 - y0 + 1, x1 - x0 + 1)
+    return imaged
+
+
+def test_the_side_of_a_sector_image_is_not_a_needle(scan):
+    # The model labels stretches of a sector's straight sides needle. There the image ends: a
+    # step (tissue on one side, black on the other), not a ridge, and never a needle.
+    image, box = scan
+    x0, y0, x1, y1 = box
+    h, w = y1 - y0 + 1, x1 - x0 + 1
+    frame = frame_of(image * sector_of(image, box), 0, box)
+    # As sector_mask draws it: the apex 0.6 h above the top centre, the right side reaching the
+    # box's edge at 0.75 h.
+    apex = (x0 + (w - 1) / 2.0, y0 - 0.6 * h)
+    side = math.atan2(w / 2.0, 1.35 * h)
+    labels = np.zeros(image.shape, np.uint8)
+    ends = []
+    for depth in (0.02, 0.45):
+        r = (depth + 0.6) * h / math.cos(side)
+        ends.append((round(apex[0] + r * math.sin(side)) - 3, round(apex[1] + r * math.cos(side))))
+    cv2.line(labels, ends[0], ends[1], 4, thickness=5)
+    found = NeedleStage().detector(frame, labels)
+    assert found is None or found.shaft_confidence < NeedleConfig().min_confidence
+
+
+def test_a_needle_through_the_side_of_a_sector_is_found(segmenter, scan):
+    # The needle enters the image through the fan's straight side; outside the fan it is unseen.
+    image, box = scan
+    imaged = sector_of(image, box)
+    frames, truths = straight_advance(image, box, n=40, angle=25.0)
+    states = track(segmenter, [frame * imaged for frame in frames], box)
+    # Shaft inside the fan, mm (the needle is 8 px wide at the nominal spacing).
+    inside_mm = [float((t.mask & imaged).sum()) / 8.0 * SPACING_MM for t in truths]
+    assert inside_mm[0] == 0.0 and inside_mm[-1] > 8.0
+    assert not any(s.shaft_visible for s, mm in zip(states, inside_mm, strict=True) if mm == 0.0)
+    seen = [(s, t, mm) for s, t, mm in zip(states, truths, inside_mm, strict=True) if mm >= 4.0]
+    assert all(s.visible for s, _, _ in seen)
+    assert np.median([tip_error_mm(s, t.tip_xy) for s, t, _ in seen]) <= 0.5
+    assert all(s.side == "left" for s, _, _ in seen)
+    # Known limit: a few mm of shaft over this tissue fix its angle poorly (17.6 deg for 25 at
+    # 4 mm inside); it settles as more of the shaft comes into the fan.
+    late = [abs(s.angle_deg - t.angle_deg) for s, t, mm in seen if mm >= 8.0]
+    assert len(late) >= 5 and np.median(late) <= 2.0

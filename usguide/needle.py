@@ -14,6 +14,8 @@ own line evidence:
    When that line is not a convincing shaft, a second line through the model pixels more than
    1 mm from it is measured too, and the more needle-like of the two is kept (the model can mark
    a longer bright line beside the needle).
+   A shaft must be a ridge, brighter than the tissue on both sides: where the image ends beside
+   a sector (its straight sides, its arcs) there is a step, which the model may label needle.
 3. **Tip**: the intensity profile along the axis, minus the tissue just above the shaft (the
    reverberations are below it). The tip is where the profile falls to half the shaft's level
    near its far end: the half-maximum point, which is also how the needle renderer defines it.
@@ -75,6 +77,10 @@ class NeedleConfig:
     min_confidence : float
         Least confidence acted on: a tip's ``confidence`` to be tracked, a shaft's
         ``shaft_confidence`` to be reported as a needle.
+    min_ridge : float
+        Least share of a shaft's contrast by which it stands out from the brighter of the two
+        sides along it (median over the shaft): a needle is a ridge, the image's edge (a
+        sector's straight sides and arcs, which the model may label needle) a step.
     tip_ratio : float
         A shaft end whose last ``bevel_mm`` is dimmer than this fraction of the shaft before it
         is a shaft fading out of plane, not a tip.
@@ -122,6 +128,7 @@ class NeedleConfig:
     min_contrast: float = 20.0
     max_width_mm: float = 1.6
     min_confidence: float = 0.7
+    min_ridge: float = 0.2
     tip_ratio: float = 0.6
     bevel_mm: float = 1.5
     beyond_model_mm: float = 1.0
@@ -605,6 +612,8 @@ class NeedleDetector:
         end = profile[max(start, last - bevel + 1) : last + 1]
         before = profile[max(start, last - 3 * bevel + 1) : max(start, last - bevel + 1)]
         end_ratio = float(end.mean() / before.mean()) if before.size and before.mean() > 0 else 1.0
+        if _ridge_share(band[start : last + 1], half, core, reach) < cfg.min_ridge:
+            return None  # a step, not a ridge: the edge of a sector's image, say
         support = model_width = 0.0
         if model_mask is not None:
             # The model's needle pixels across the shaft, along its visible length: how much of
@@ -715,6 +724,21 @@ def _weighted_line(t: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, 
         return 0.0, float(sy / sw) if sw > 0 else 0.0
     a = (sw * (ww @ (t * y)) - st * sy) / den
     return float(a), float((sy - a * st) / sw)
+
+
+def _ridge_share(band: np.ndarray, half: int, core: int, reach: int) -> float:
+    """How far the centre of a band's cross-sections stands above the brighter of its two
+    sides (beyond ``reach``), as a share of how far it stands above the darker one; medians over
+    the cross-sections that hold any image."""
+    band = band[band.max(1) > _BLACK]
+    if not len(band):
+        return 0.0
+    centre = band[:, half - core : half + core + 1].mean(1)
+    above = band[:, : half - reach].mean(1)
+    below = band[:, half + reach + 1 :].mean(1)
+    over_brighter = float(np.median(centre - np.maximum(above, below)))
+    over_darker = float(np.median(centre - np.minimum(above, below)))
+    return over_brighter / max(over_darker, 1.0)
 
 
 def _shaft_centre(
