@@ -612,7 +612,10 @@ class NeedleDetector:
         end = profile[max(start, last - bevel + 1) : last + 1]
         before = profile[max(start, last - 3 * bevel + 1) : max(start, last - bevel + 1)]
         end_ratio = float(end.mean() / before.mean()) if before.size and before.mean() > 0 else 1.0
-        if _ridge_share(band[start : last + 1], half, core, reach) < cfg.min_ridge:
+        # Cross-sections that hold any image (the corners beside a sector's fan are black).
+        holds_image = band.max(1) > _BLACK
+        shaft = band[start : last + 1][holds_image[start : last + 1]]
+        if _ridge_share(shaft, half, core, reach) < cfg.min_ridge:
             return None  # a step, not a ridge: the edge of a sector's image, say
         support = model_width = 0.0
         if model_mask is not None:
@@ -639,7 +642,7 @@ class NeedleDetector:
         if spacing:
             dx, dy = dx * spacing[1], dy * spacing[0]
         # Where the image begins along the axis: the corners of a sector image's box are black.
-        imaged = np.flatnonzero(band.max(1) > _BLACK)
+        imaged = np.flatnonzero(holds_image)
         first = int(imaged[0]) if imaged.size else 0
         entry_gap = max(0.0, float(s[start] - s[min(first, start)]))
         features = detection_features(
@@ -729,8 +732,7 @@ def _weighted_line(t: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, 
 def _ridge_share(band: np.ndarray, half: int, core: int, reach: int) -> float:
     """How far the centre of a band's cross-sections stands above the brighter of its two
     sides (beyond ``reach``), as a share of how far it stands above the darker one; medians over
-    the cross-sections that hold any image."""
-    band = band[band.max(1) > _BLACK]
+    the cross-sections."""
     if not len(band):
         return 0.0
     centre = band[:, half - core : half + core + 1].mean(1)
