@@ -406,18 +406,15 @@ def test_the_side_of_a_sector_image_is_not_a_needle(scan):
     # The model labels stretches of a sector's straight sides needle. There the image ends: a
     # step (tissue on one side, black on the other), not a ridge, and never a needle.
     image, box = scan
-    x0, y0, x1, y1 = box
-    h, w = y1 - y0 + 1, x1 - x0 + 1
-    frame = frame_of(image * sector_of(image, box), 0, box)
-    # As sector_mask draws it: the apex 0.6 h above the top centre, the right side reaching the
-    # box's edge at 0.75 h.
-    apex = (x0 + (w - 1) / 2.0, y0 - 0.6 * h)
-    side = math.atan2(w / 2.0, 1.35 * h)
+    y0, y1 = box[1], box[3]
+    imaged = sector_of(image, box)
+    frame = frame_of(image * imaged, 0, box)
+    # Labels 3 px inside the fan's right side, from just below its top corner to mid-depth.
     labels = np.zeros(image.shape, np.uint8)
     ends = []
     for depth in (0.02, 0.45):
-        r = (depth + 0.6) * h / math.cos(side)
-        ends.append((round(apex[0] + r * math.sin(side)) - 3, round(apex[1] + r * math.cos(side))))
+        row = y0 + round(depth * (y1 - y0))
+        ends.append((int(np.flatnonzero(imaged[row])[-1]) - 3, row))
     cv2.line(labels, ends[0], ends[1], 4, thickness=5)
     found = NeedleStage().detector(frame, labels)
     assert found is None or found.shaft_confidence < NeedleConfig().min_confidence
