@@ -15,6 +15,7 @@ from usguide.data.augment import (
     UltrasoundAugment,
     default_transforms,
     resize_pair,
+    scan_convert_pair,
     sector_mask,
     warp_pair,
 )
@@ -250,3 +251,39 @@ def test_sector_mask_leaves_the_corners_of_the_box_unimaged() -> None:
         sector_mask(0, w)
     with pytest.raises(ValueError):
         sector_mask(h, w, apex_above=0.0)
+
+
+def test_scan_conversion_bends_rows_into_arcs_and_columns_into_rays() -> None:
+    h, w, apex_above, sides_at = 300, 400, 0.6, 0.75
+    image = np.full((h, w), 40, np.uint8)
+    image[100, :] = 250  # a horizontal interface at depth 100
+    mask = np.zeros((h, w), np.uint8)
+    mask[150:, :] = 2
+    out, out_mask = scan_convert_pair(image, mask, apex_above, sides_at)
+    fan = sector_mask(h, w, apex_above, sides_at)
+    assert out.shape == (h, w) and out_mask.shape == (h, w)
+    assert not out[~fan].any() and not out_mask[~fan].any()  # nothing beside the fan
+    assert set(np.unique(out_mask)) == {0, 2}  # no class that was not in the input
+    apex = np.array([(w - 1) / 2.0, -apex_above * h])
+    # The interface keeps its depth along every ray: an arc about the apex.
+    radii = []
+    for x in range(90, 311, 20):  # where the arc at depth 100 lies inside the fan
+        column = out[:150, x].astype(int)
+        y = int(np.argmax(column))
+        assert column[y] > 150
+        radii.append(np.hypot(x - apex[0], y - apex[1]))
+    assert np.ptp(radii) < 3.0
+    assert abs(np.mean(radii) - apex_above * h - 100) < 2.0
+    # A vertical line, three quarters across, becomes a ray: one line through the apex.
+    image = np.full((h, w), 40, np.uint8)
+    image[:, 299:302] = 250
+    out, _ = scan_convert_pair(image, mask, apex_above, sides_at)
+    ys = np.arange(60, 290, 20)
+    xs = np.array([np.argmax(out[y]) for y in ys])
+    assert (out[ys, xs] > 150).all()
+    directions = np.degrees(np.arctan2(xs - apex[0], ys - apex[1]))
+    assert np.ptp(directions) < 1.0 and directions.mean() > 5.0
+    # Deeper tissue stays deeper: the label's boundary follows the arc below the interface.
+    assert out_mask[140, w // 2] == 0 and out_mask[160, w // 2] == 2
+    with pytest.raises(ValueError):
+        scan_convert_pair(image, mask, apex_above=0.0)

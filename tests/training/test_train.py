@@ -112,3 +112,24 @@ def test_injectate_probability_is_read_from_the_config(tmp_path: Path) -> None:
     toml = tmp_path / "train.toml"
     toml.write_text("injectate_probability = 0.3\n")
     assert TrainConfig.from_toml(toml).injectate_probability == 0.3
+
+
+def test_sector_samples_are_fans_with_nothing_labelled_beside_them(tmp_path: Path) -> None:
+    from usguide.data.augment import UltrasoundAugment
+    from usguide.training.train import Batches, Prepared
+
+    toml = tmp_path / "train.toml"
+    toml.write_text("sector_probability = 1.0\nneedle_probability = 1.0\n")
+    config = TrainConfig.from_toml(toml)
+    config.input_size, config.batch_size = (64, 64), 4
+    native = np.random.default_rng(2).integers(30, 200, (300, 320)).astype(np.uint8)
+    nerve = np.ones_like(native)  # every pixel nerve: what is left of it shows the fan
+    sample = Prepared(native[:64, :64], nerve[:64, :64], np.ones(5, bool), "s", native, nerve)
+    batches = Batches([sample] * 4, config)
+    batches.augment = UltrasoundAugment([])  # the fan alone, not moved by the usual chain
+    _, y, _ = next(batches.epoch(np.random.default_rng(0)))
+    y = y.numpy()
+    assert set(np.unique(y)) <= {0, 1, 4}
+    assert (y[:, 0, 0] == 0).all() and (y[:, 0, -1] == 0).all()  # beside the fan's top
+    assert (y[:, 1:, 32] > 0).all()  # the fan's centre line is imaged from top to bottom
+    assert (y == 4).any()  # needles are drawn into the fans

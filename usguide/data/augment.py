@@ -26,6 +26,9 @@ What is modelled, and why:
 - :class:`RandomFlip`: left-right, as probes are held either way round. Never up-down: depth is
   physical (the probe is at the top).
 - :class:`RandomCropScale`: a crop of 60-100 % of the area resized back (zoom).
+- :func:`scan_convert_pair`: the same tissue as a convex probe displays it, in a fan (outside
+  the chain: training draws it for a share of samples, before needles are rendered, because a
+  needle is straight in the displayed image).
 
 :class:`UltrasoundAugment` chains them with probabilities and folds consecutive geometric
 transforms into one warp (one interpolation, one pass). For 256x256 the default chain takes
@@ -60,6 +63,7 @@ __all__ = [
     "UltrasoundAugment",
     "default_transforms",
     "resize_pair",
+    "scan_convert_pair",
     "sector_mask",
     "warp_pair",
 ]
@@ -449,6 +453,22 @@ class Speckle(IntensityTransform):
         return out.astype(np.uint8)
 
 
+def _fan(
+    height: int, width: int, apex_above: float, sides_at: float
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Polar coordinates of a box's pixels about a fan's apex: (angle from straight down,
+    radius, the fan's half angle, its inner radius); see :func:`sector_mask`."""
+    if height < 1 or width < 1 or apex_above <= 0 or sides_at <= 0:
+        raise ValueError("a sector needs a non-empty box and positive apex_above and sides_at")
+    cx = (width - 1) / 2.0
+    apex_y = -apex_above * height
+    half_angle = math.atan2(width / 2.0, sides_at * height - apex_y)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle = np.arctan2(xx - cx, yy - apex_y)
+    radius = np.hypot(xx - cx, yy - apex_y)
+    return angle, radius, half_angle, -apex_y
+
+
 def sector_mask(
     height: int, width: int, apex_above: float = 0.6, sides_at: float = 0.75
 ) -> np.ndarray:
@@ -460,16 +480,31 @@ def sector_mask(
     the top centre and its bottom arc ``height`` further out. The box's top corners, and its
     bottom corners below the arc, hold no image, as beside a real sector.
     """
-    if height < 1 or width < 1 or apex_above <= 0 or sides_at <= 0:
-        raise ValueError("sector_mask needs a non-empty box and positive apex_above and sides_at")
-    cx = (width - 1) / 2.0
-    apex_y = -apex_above * height
-    half_angle = math.atan2(width / 2.0, sides_at * height - apex_y)
-    yy, xx = np.mgrid[0:height, 0:width]
-    angle = np.arctan2(xx - cx, yy - apex_y)
-    radius = np.hypot(xx - cx, yy - apex_y)
-    inner = -apex_y
+    angle, radius, half_angle, inner = _fan(height, width, apex_above, sides_at)
     return (np.abs(angle) <= half_angle) & (radius >= inner) & (radius <= inner + height)
+
+
+def scan_convert_pair(
+    image: np.ndarray, mask: np.ndarray, apex_above: float = 0.6, sides_at: float = 0.75
+) -> tuple[np.ndarray, np.ndarray]:
+    """The image and mask as a convex probe would display the same tissue: each column becomes
+    a ray of the fan of :func:`sector_mask`, each row a depth along it.
+
+    The skin line then follows the fan's top arc and the tissue bends with it, as in a real
+    sector image. Same shape out; outside the fan is 0 in both (nothing imaged, no class). The
+    image is resampled bilinearly, the mask by nearest neighbour.
+    """
+    _check_pair(image, mask)
+    h, w = image.shape
+    angle, radius, half_angle, inner = _fan(h, w, apex_above, sides_at)
+    map_x = (angle / np.float32(half_angle) + 1.0) * np.float32((w - 1) / 2.0)
+    map_y = (radius - np.float32(inner)) * np.float32((h - 1) / h)
+    inside = (np.abs(angle) <= half_angle) & (radius >= inner) & (radius <= inner + h)
+    out_image = cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderValue=0)
+    out_mask = cv2.remap(mask, map_x, map_y, cv2.INTER_NEAREST, borderValue=0)
+    out_image[~inside] = 0
+    out_mask[~inside] = 0
+    return out_image, out_mask
 
 
 def default_transforms() -> tuple[Transform, ...]:

@@ -51,6 +51,10 @@ class TrainConfig:
     # Share of training images given an anechoic fluid pocket (injectate, hydrodissection),
     # mostly beside a nerve, labelled background: fluid next to a nerve is not nerve.
     injectate_probability: float = 0.0
+    # Share of training images shown as a convex probe displays them (scan-converted into a fan,
+    # black beside it), so that the fan's edges and its curved skin line are learnt as no needle
+    # and no fascia. Needles are rendered after the conversion: they stay straight.
+    sector_probability: float = 0.0
     val_fraction: float = 0.2
     datasets: tuple[str, ...] = ("usgra-seg", "dltrack-apo")
     channels: tuple[int, int, int, int] = (16, 32, 64, 128)
@@ -93,6 +97,12 @@ class Prepared:
     name: str
     native_image: np.ndarray  # the imaging area at its own size, for needle rendering
     native_mask: np.ndarray
+
+
+# Fan shapes drawn for sector samples (see usguide.data.augment.sector_mask): from a phased
+# array's near-point apex to a wide abdominal convex probe whose sides reach the box low down.
+SECTOR_APEX_ABOVE = (0.05, 2.0)
+SECTOR_SIDES_AT = (0.2, 0.9)
 
 
 def seed_everything(seed: int) -> None:
@@ -184,7 +194,7 @@ class Batches:
     def epoch(
         self, rng: np.random.Generator
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        from usguide.data.augment import resize_pair
+        from usguide.data.augment import resize_pair, scan_convert_pair, sector_mask
         from usguide.data.injectate_render import random_pocket
 
         cfg = self.config
@@ -195,6 +205,11 @@ class Batches:
             for i in order[start : start + bs]:
                 s = self.samples[i]
                 image, mask = s.native_image, s.native_mask
+                # No draw when off: the same seed then gives the same batches as before.
+                sector = cfg.sector_probability > 0 and rng.random() < cfg.sector_probability
+                if sector:
+                    fan_shape = (rng.uniform(*SECTOR_APEX_ABOVE), rng.uniform(*SECTOR_SIDES_AT))
+                    image, mask = scan_convert_pair(image, mask, *fan_shape)
                 needle = rng.random() < cfg.needle_probability
                 if needle:
                     image, mask = _draw_needle(
@@ -209,7 +224,12 @@ class Batches:
                 pocket = cfg.injectate_probability > 0 and rng.random() < cfg.injectate_probability
                 if pocket:
                     image, mask = random_pocket(image, mask, rng)
-                if needle or pocket:
+                if sector:
+                    # A needle drawn beside the fan is not imaged there.
+                    fan = sector_mask(*image.shape, *fan_shape)
+                    image[~fan] = 0
+                    mask[~fan] = 0
+                if needle or pocket or sector:
                     image, mask = resize_pair(image, mask, cfg.input_size)
                 else:
                     image, mask = s.image, s.mask
