@@ -17,6 +17,7 @@ from usguide.data.augment import (
     resize_pair,
     scan_convert_pair,
     sector_mask,
+    sector_view,
     warp_pair,
 )
 from usguide.data.datasets import Sample
@@ -287,3 +288,25 @@ def test_scan_conversion_bends_rows_into_arcs_and_columns_into_rays() -> None:
     assert out_mask[140, w // 2] == 0 and out_mask[160, w // 2] == 2
     with pytest.raises(ValueError):
         scan_convert_pair(image, mask, apex_above=0.0)
+
+
+def test_sector_view_converts_the_region_only_and_keeps_tissue_beside_the_fan() -> None:
+    rng = np.random.default_rng(5)
+    image = rng.integers(30, 220, (240, 320)).astype(np.uint8)
+    mask = (rng.random((240, 320)) < 0.3).astype(np.uint8)
+    box = (40, 20, 279, 219)  # x0, y0, x1, y1
+    out, out_mask, imaged = sector_view(image, mask, box)
+    x0, y0, x1, y1 = box
+    inside = (slice(y0, y1 + 1), slice(x0, x1 + 1))
+    outside = np.ones(image.shape, bool)
+    outside[inside] = False
+    np.testing.assert_array_equal(out[outside], image[outside])
+    np.testing.assert_array_equal(out_mask[outside], mask[outside])
+    fan = sector_mask(y1 - y0 + 1, x1 - x0 + 1)
+    np.testing.assert_array_equal(imaged[inside], fan)
+    assert imaged[outside].all()
+    converted, converted_mask = scan_convert_pair(image[inside], mask[inside])
+    np.testing.assert_array_equal(out[inside][fan], converted[fan])
+    np.testing.assert_array_equal(out_mask[inside][fan], converted_mask[fan])
+    # Beside the fan the tissue goes on, so moving the frame never moves the fan's edge.
+    assert out[inside][~fan].min() >= 30

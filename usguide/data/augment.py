@@ -65,6 +65,7 @@ __all__ = [
     "resize_pair",
     "scan_convert_pair",
     "sector_mask",
+    "sector_view",
     "warp_pair",
 ]
 
@@ -455,9 +456,9 @@ class Speckle(IntensityTransform):
 
 def _fan(
     height: int, width: int, apex_above: float, sides_at: float
-) -> tuple[np.ndarray, np.ndarray, float, float]:
+) -> tuple[np.ndarray, np.ndarray, float, float, np.ndarray]:
     """Polar coordinates of a box's pixels about a fan's apex: (angle from straight down,
-    radius, the fan's half angle, its inner radius); see :func:`sector_mask`."""
+    radius, the fan's half angle, its inner radius), and the fan; see :func:`sector_mask`."""
     if height < 1 or width < 1 or apex_above <= 0 or sides_at <= 0:
         raise ValueError("a sector needs a non-empty box and positive apex_above and sides_at")
     cx = (width - 1) / 2.0
@@ -466,7 +467,9 @@ def _fan(
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     angle = np.arctan2(xx - cx, yy - apex_y)
     radius = np.hypot(xx - cx, yy - apex_y)
-    return angle, radius, half_angle, -apex_y
+    inner = -apex_y
+    fan = (np.abs(angle) <= half_angle) & (radius >= inner) & (radius <= inner + height)
+    return angle, radius, half_angle, inner, fan
 
 
 def sector_mask(
@@ -480,8 +483,7 @@ def sector_mask(
     the top centre and its bottom arc ``height`` further out. The box's top corners, and its
     bottom corners below the arc, hold no image, as beside a real sector.
     """
-    angle, radius, half_angle, inner = _fan(height, width, apex_above, sides_at)
-    return (np.abs(angle) <= half_angle) & (radius >= inner) & (radius <= inner + height)
+    return _fan(height, width, apex_above, sides_at)[4]
 
 
 def scan_convert_pair(
@@ -495,16 +497,52 @@ def scan_convert_pair(
     image is resampled bilinearly, the mask by nearest neighbour.
     """
     _check_pair(image, mask)
+    out_image, out_mask, fan = _fan_remap(image, mask, apex_above, sides_at)
+    out_image[~fan] = 0
+    out_mask[~fan] = 0
+    return out_image, out_mask
+
+
+def sector_view(
+    image: np.ndarray,
+    mask: np.ndarray,
+    box: tuple[int, int, int, int],
+    apex_above: float = 0.6,
+    sides_at: float = 0.75,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A frame as a convex probe would show the tissue of its imaging region ``box``
+    (x0, y0, x1, y1, inclusive), for making sector sequences: inside the box, image and mask
+    are scan-converted as by :func:`scan_convert_pair`; outside it, unchanged.
+
+    Beside the fan the tissue goes on (mirrored at the fan's edges) instead of being black, so
+    that a sequence moving the frame under a probe moves tissue, never the fan's edge: black out
+    ``~imaged`` after drawing and moving.
+
+    Returns the new image and mask, and ``imaged`` ``(H, W)`` bool: False beside the fan inside
+    the box, True elsewhere.
+    """
+    _check_pair(image, mask)
+    x0, y0, x1, y1 = box
+    inside = (slice(y0, y1 + 1), slice(x0, x1 + 1))
+    out_image, out_mask = image.copy(), mask.copy()
+    imaged = np.ones(image.shape, bool)
+    out_image[inside], out_mask[inside], imaged[inside] = _fan_remap(
+        image[inside], mask[inside], apex_above, sides_at
+    )
+    return out_image, out_mask, imaged
+
+
+def _fan_remap(
+    image: np.ndarray, mask: np.ndarray, apex_above: float, sides_at: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scan-converted image and mask (mirrored beyond the fan's edges) and the fan."""
     h, w = image.shape
-    angle, radius, half_angle, inner = _fan(h, w, apex_above, sides_at)
+    angle, radius, half_angle, inner, fan = _fan(h, w, apex_above, sides_at)
     map_x = (angle / np.float32(half_angle) + 1.0) * np.float32((w - 1) / 2.0)
     map_y = (radius - np.float32(inner)) * np.float32((h - 1) / h)
-    inside = (np.abs(angle) <= half_angle) & (radius >= inner) & (radius <= inner + h)
-    out_image = cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderValue=0)
-    out_mask = cv2.remap(mask, map_x, map_y, cv2.INTER_NEAREST, borderValue=0)
-    out_image[~inside] = 0
-    out_mask[~inside] = 0
-    return out_image, out_mask
+    out_image = cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    out_mask = cv2.remap(mask, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT)
+    return out_image, out_mask, fan
 
 
 def default_transforms() -> tuple[Transform, ...]:
