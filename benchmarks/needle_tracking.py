@@ -10,9 +10,10 @@ the validation split of both data sets (USGRA-Seg nerve-block scans and DL_Track
 with simulated probe motion; the needle advances, pauses, withdraws, pivots, drifts partly out
 of plane and is absent for stretches. Each frame goes through the shipped segmentation model,
 then :class:`usguide.needle.NeedleStage`. With ``--sector`` the same sequences are shown as a
-curvilinear probe shows them: everything outside a fan inside the imaging region
-(:func:`usguide.data.augment.sector_mask`) is black, and the truth is cut to the fan (the frames
-of both data sets come from linear probes).
+curvilinear probe shows them (the frames of both data sets come from linear probes): the tissue
+of the imaging region is scan-converted into a fan (:func:`usguide.data.augment.sector_view`:
+the skin line follows the fan's top arc, and beside the fan is black), the needle is drawn
+straight, as a convex probe displays it, and the truth is cut to the fan.
 
 Figures:
 
@@ -29,6 +30,10 @@ Figures:
 - shaft angle error p95 by drawn shaft length (frames in brackets): a few mm of shaft fix its
   angle poorly;
 - frames to pick the tip up again after it was invisible for at least 3 frames;
+- real scans without a needle: every cine, video and still of the mirror's ``lung-videos``,
+  ``dicom-us`` and ``screen-captures`` (convex, phased-array and linear probes, several
+  scanners; none shows a needle) through the same model and stage: frames reported with a
+  needle, and with a visible tip. Every one is a false alarm on real pixels;
 - cost of detection and tracking per 640 x 480 frame (segmentation excluded), 2 threads. With
   ``--baseline REV``, ``usguide/needle.py`` as of that git revision is timed on the same frames
   in the same run, rounds alternating, and the ratio is reported.
@@ -50,19 +55,22 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from usguide.data.augment import sector_mask
-from usguide.data.datasets import DlTrackApo, UsgraSeg, split
+from usguide.data.augment import sector_view
+from usguide.data.datasets import DlTrackApo, UsgraSeg, data_root, split
 from usguide.data.needle_render import DEFAULT_SPACING_MM, NeedleTruth, needle_sequence
 from usguide.frame import Frame, Region
 from usguide.imaging_region import find_imaging_region
 from usguide.needle import NeedleStage
 from usguide.segment import DEFAULT_MODEL, Segmenter
+from usguide.sources import open_source
 
 REPO = Path(__file__).resolve().parents[1]
 WRONG_MM = 2.0  # a reported tip further than this from the truth is on the wrong structure
 MIN_DRAWN_MM = 2.5  # shortest drawn shaft that counts as a needle in the image
 ANGLE_BINS = {"< 15 deg": (0.0, 15.0), "15-50 deg": (15.0, 50.0), ">= 50 deg": (50.0, 90.0)}
 SCANS = {"UsgraSeg": "nerve-block scans", "DlTrackApo": "muscle scans"}
+# Real recordings in the data mirror that show no needle.
+NO_NEEDLE = {"lung-videos": "*.mp4", "dicom-us": "*.dcm", "screen-captures": "*.png"}
 DRAWN_BINS = {"< 5 mm": (0.0, 5.0), "5-10 mm": (5.0, 10.0), ">= 10 mm": (10.0, math.inf)}
 
 
@@ -77,7 +85,8 @@ def sequences(
     """(name, frames, truths, region) per sequence, from images of one split of both sets.
 
     Every image of the split is used once before any is used again (with another needle). With
-    ``sector``, nothing outside a fan inside the region is imaged (the same sequences otherwise)."""
+    ``sector``, the region's tissue is shown in a fan, and nothing beside the fan is imaged (the
+    same needles otherwise)."""
     rng = np.random.default_rng(seed)
     for dataset in (UsgraSeg(root), DlTrackApo(root)):
         train, val = split(dataset, val_fraction=0.2, seed=0)
@@ -91,15 +100,14 @@ def sequences(
             box = find_imaging_region(sample.image) or (
                 0, 0, sample.image.shape[1] - 1, sample.image.shape[0] - 1
             )  # fmt: skip
-            imaged = None
+            scan, imaged = sample.image, None
             if sector:
-                x0, y0, x1, y1 = box
-                imaged = np.zeros(sample.image.shape[:2], bool)
-                imaged[y0 : y1 + 1, x0 : x1 + 1] = sector_mask(y1 - y0 + 1, x1 - x0 + 1)
+                grey = scan if scan.ndim == 2 else cv2.cvtColor(scan, cv2.COLOR_RGB2GRAY)
+                scan, _, imaged = sector_view(grey, np.zeros_like(grey), box)
             frames, truths = [], []
-            for image, truth in needle_sequence(sample.image, n_frames, rng, region=box):
+            for image, truth in needle_sequence(scan, n_frames, rng, region=box):
                 if imaged is not None:
-                    image = image * (imaged if image.ndim == 2 else imaged[..., None])
+                    image = image * imaged  # a needle is imaged only inside the fan
                     truth = truth.within(imaged)
                 frames.append(image)
                 truths.append(truth)
@@ -210,6 +218,27 @@ def run(
     }
 
 
+def false_alarms(model: str, root: str | None) -> dict[str, int]:
+    """Frames of real recordings without a needle reported with a needle (``shaft_visible``) and
+    with a visible tip, over all of them; each recording is its own sequence."""
+    seg = Segmenter(model)
+    stage = NeedleStage()
+    out = {"recordings": 0, "frames": 0, "needle": 0, "tip": 0}
+    mirror = data_root(root)
+    for folder, pattern in NO_NEEDLE.items():
+        for path in sorted((mirror / folder).glob(pattern)):
+            seg.reset()
+            stage.reset()
+            with open_source(path) as source:
+                for frame in source:
+                    state = stage(frame, seg(frame))
+                    out["frames"] += 1
+                    out["needle"] += state.shaft_visible
+                    out["tip"] += state.visible
+            out["recordings"] += 1
+    return out
+
+
 def _angle_bin(angle_deg: float) -> str:
     for key, (lo, hi) in ANGLE_BINS.items():
         if lo <= angle_deg < hi:
@@ -296,6 +325,7 @@ def main() -> None:
     )
     r = run(args.model, args.data, args.sequences, args.frames, args.seed, args.sector)
     print(f"frames {r['frames']}, tip truly visible in {r['tip_visible_frames']}\n")
+    negatives = false_alarms(args.model, args.data)
     stages: dict[str, Callable[[], NeedleStage]] = {"current": NeedleStage}
     if args.baseline:
         stages[args.baseline] = baseline_stage(args.baseline)
@@ -344,6 +374,12 @@ def main() -> None:
             "report",
         ),
         (f"visible tips > {WRONG_MM} mm off", f"{100 * r['wrong_structure']:.1f} %", ""),
+        (
+            f"real scans without a needle ({negatives['recordings']} recordings, "
+            f"{negatives['frames']} frames): frames with a needle / with a tip",
+            f"{negatives['needle']} / {negatives['tip']}",
+            "",
+        ),
         (
             "frames to pick the tip up again (median / p90)",
             f"{r['reacquire_median']:.0f} / {r['reacquire_p90']:.0f} "

@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/segment_accuracy.py [--model-dir models/usguide-seg] [--data DIR] [--seed 0]
+                                          [--sector]
 
 1. Per-class Dice with bootstrap 95% intervals on the validation split (the split training used,
    same seed), at each image's native size through the runtime stage, for every inference
@@ -11,7 +12,10 @@ Usage::
    nerve and vessel on USGRA-Seg, fascia on DL_Track, and the needle rendered
    ``NEEDLES_PER_IMAGE`` times onto every validation image at native size (a fixed seed,
    independent of the renders seen in training). A render counts for the needle class only: the
-   anatomy under it is the same image, already counted once.
+   anatomy under it is the same image, already counted once. With ``--sector`` every validation
+   image is shown as a convex probe would show its tissue (:func:`usguide.data.augment.sector_view`,
+   the default fan; black beside it), masks converted alike, needles drawn straight and cut to
+   the fan; only this part runs.
 2. Temporal stability: label agreement between consecutive frames (mean over classes present of
    the Dice between frame t and t+1) on slowly moving sequences: validation frames under smooth
    simulated probe motion, and the real 120-frame SonoSite cine. With and without smoothing.
@@ -33,6 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from usguide.data.augment import sector_view
 from usguide.data.datasets import DlTrackApo, UsgraSeg, split
 from usguide.data.needle_render import random_pose, render_needle
 from usguide.evaluate import DiceTable, dice, format_table
@@ -50,7 +55,7 @@ POCKETS_PER_IMAGE = 3
 
 
 def validation_triples(
-    root: str | None, seed: int
+    root: str | None, seed: int, sector: bool = False
 ) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[bool, ...], str]]:
     """(image, truth, labelled, kind) for the validation split, plus needle renders."""
     rng = np.random.default_rng(seed + 20_000)
@@ -58,16 +63,25 @@ def validation_triples(
         _, val = split(dataset, val_fraction=0.2, seed=seed)
         for i in val:
             s = dataset[i]
-            yield s.image, s.mask, s.labelled, dataset.__class__.__name__
+            image, truth = s.image, s.mask
             # A needle is only imaged inside the imaging region: outside it (scanner UI, black
             # borders) the runtime labels nothing, so a needle drawn there would be unmatchable.
-            box = find_imaging_region(s.image)
+            box = find_imaging_region(image)
+            imaged = None
+            if sector:
+                box = box or (0, 0, image.shape[1] - 1, image.shape[0] - 1)
+                grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+                image, truth, imaged = sector_view(grey, truth, box)
+                image, truth = image * imaged, truth * imaged
+            yield image, truth, s.labelled, dataset.__class__.__name__
             for _ in range(NEEDLES_PER_IMAGE):
-                pose = random_pose(s.image.shape, rng, region=box)
-                rendered = render_needle(s.image, pose, rng=rng, region=box)
-                mask = s.mask.copy()
-                mask[rendered.mask] = NEEDLE
-                yield rendered.image, mask, NEEDLE_ONLY, "needle"
+                pose = random_pose(image.shape, rng, region=box)
+                rendered = render_needle(image, pose, rng=rng, region=box)
+                drawn = rendered.mask if imaged is None else rendered.mask & imaged
+                mask = truth.copy()
+                mask[drawn] = NEEDLE
+                shown = rendered.image if imaged is None else rendered.image * imaged
+                yield shown, mask, NEEDLE_ONLY, "needle"
 
 
 def fluid_beside_nerve(model: Path, root: str | None, seed: int) -> tuple[float, float, int]:
@@ -145,16 +159,20 @@ def main() -> None:
     parser.add_argument("--model-dir", default=str(REPO / "models" / "usguide-seg"))
     parser.add_argument("--data", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sector", action="store_true", help="the images as a curvilinear probe would show them"
+    )
     args = parser.parse_args()
     models = [
         p
         for p in (Path(args.model_dir) / n for n in ("model.onnx", "model_fp32.onnx"))
         if p.exists()
     ]
-    triples = list(validation_triples(args.data, args.seed))
+    triples = list(validation_triples(args.data, args.seed, args.sector))
     print(
         f"# segmentation accuracy: validation split seed {args.seed}, {len(triples)} images "
         f"(real and with rendered needles), {platform.machine()} {os.cpu_count()} cores"
+        + ("; shown as a curvilinear probe's sector" if args.sector else "")
     )
     for engine in available_engines():
         for model in models:
@@ -164,6 +182,8 @@ def main() -> None:
                 table.add(seg(as_frame(image)).copy(), truth, labelled)
             print(f"\n## {model.name}, {engine}\n")
             print(format_table(table.summary(seed=args.seed)))
+    if args.sector:
+        return
 
     rng = np.random.default_rng(args.seed)
     usgra = UsgraSeg(args.data)
