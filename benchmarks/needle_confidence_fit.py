@@ -5,6 +5,7 @@ training split, and print the weights for ``NeedleConfig.confidence_weights`` an
 Usage::
 
     python benchmarks/needle_confidence_fit.py [--model PATH] [--sequences 20] [--frames 60]
+                                               [--with-sector]
 
 - Tip confidence: a detection is a positive when the tip is truly visible and the detected tip
   lies within 1 mm of the truth (at the nominal 0.1 mm per pixel); everything else the detector
@@ -12,6 +13,10 @@ Usage::
 - Shaft confidence: a positive when a needle is in the image (as ``needle_tracking.py`` counts
   it) and at least half of the detected shaft lies within 1 mm of the drawn needle, tip in plane
   or not; a line on anything else is a negative.
+
+With ``--with-sector`` the same sequences are used twice: as the linear probe recorded them and
+as a convex probe would show them (``needle_tracking.py --sector``), so the confidences hold on
+both.
 
 The validation split is never used here: ``benchmarks/needle_tracking.py`` measures on it.
 """
@@ -76,14 +81,23 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=20, help="per data set")
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--with-sector", action="store_true", help="fit on sector copies of the sequences too"
+    )
     args = parser.parse_args()
     segmenter = Segmenter(args.model)
     detector = NeedleDetector(replace(NeedleConfig()))
     mm = DEFAULT_SPACING_MM
     rows, tip_labels, shaft_labels = [], [], []
-    for _, frames, truths, box in sequences(
-        args.data, args.sequences, args.frames, args.seed, subset="train"
-    ):
+    views = (False, True) if args.with_sector else (False,)
+    every = (
+        sequence
+        for sector in views
+        for sequence in sequences(
+            args.data, args.sequences, args.frames, args.seed, subset="train", sector=sector
+        )
+    )
+    for _, frames, truths, box in every:
         segmenter.reset()
         for i, (image, truth) in enumerate(zip(frames, truths, strict=True)):
             frame = Frame(image, i, None, None, Region(box, None, True, "detected"), "fit")
