@@ -360,6 +360,30 @@ def test_model_pixels_far_along_the_shaft_line_do_not_carry_the_tip_there(scan):
     assert tip_error_mm(found, tip) < 1.0
 
 
+def test_visible_length_ends_at_the_tip(scan):
+    # A bright line the model marks as needle only near the region's edge (a real lung video's
+    # skin line at a fan's corner): the tip stays near the model's pixels, and the visible
+    # length, which weighs in the confidence, must not take in the bright line beyond it (it
+    # did: 18 mm reported for a 4 mm shaft).
+    image, box = scan
+    x0, y0, _, y1 = box
+    d = (math.cos(math.radians(35.0)), math.sin(math.radians(35.0)))
+    entry = (x0 - 0.5, y0 + 0.1 * (y1 - y0))
+
+    def px(t: float) -> tuple[int, int]:
+        return round(entry[0] + t * d[0]), round(entry[1] + t * d[1])
+
+    picture = image.copy()
+    cv2.line(picture, px(0.0), px(180.0), 235, thickness=4)
+    labels = np.zeros(image.shape, np.uint8)
+    cv2.line(labels, px(0.0), px(30.0), 4, thickness=4)
+    found = NeedleStage().detector(frame_of(picture, 0, box), labels)
+    assert found is not None
+    shaft_px = math.dist(found.entry_xy, found.tip_xy)
+    assert shaft_px < 60.0  # the tip stays near the model's pixels
+    assert found.visible_length_px <= shaft_px + 2.0
+
+
 def test_extreme_features_give_a_confidence_not_an_overflow():
     # An end ratio over a near-zero shaft level can be huge either way; the confidence must
     # saturate at 0 or 1 rather than raise (it did: math.exp overflowed mid-scan).

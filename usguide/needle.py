@@ -171,7 +171,8 @@ class NeedleDetection:
     side : "left" or "right"
         Side the needle comes from.
     visible_length_px : float
-        Length of shaft with needle evidence, pixels.
+        Length of shaft with needle evidence, up to the tip (not bright tissue in line beyond
+        it), pixels.
     contrast : float
         Grey-level excess of the shaft over the tissue above it.
     end_ratio : float
@@ -609,6 +610,10 @@ class NeedleDetector:
             a, b = profile[last], profile[last + 1]
             if a > b:
                 s_tip += float(np.clip((a - half_level) / (a - b), 0.0, 1.0))
+        # The visible shaft ends at the tip: bright tissue in line beyond it is not shaft.
+        length_px = float((profile[start : last + 1] >= cfg.run_fraction * level).sum())
+        if length_px * mm_per_px < cfg.min_length_mm:
+            return None
         end = profile[max(start, last - bevel + 1) : last + 1]
         before = profile[max(start, last - 3 * bevel + 1) : max(start, last - bevel + 1)]
         end_ratio = float(end.mean() / before.mean()) if before.size and before.mean() > 0 else 1.0
