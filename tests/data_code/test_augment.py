@@ -13,9 +13,9 @@ from usguide.data.augment import (
     RandomGain,
     Speckle,
     UltrasoundAugment,
+    convex_view_pair,
     default_transforms,
     resize_pair,
-    scan_convert_pair,
     sector_mask,
     sector_view,
     warp_pair,
@@ -241,8 +241,12 @@ def test_sector_mask_leaves_the_corners_of_the_box_unimaged() -> None:
     fan = sector_mask(h, w, apex_above=0.6, sides_at=0.75)
     assert fan.shape == (h, w) and fan.dtype == bool
     assert not fan[0, 0] and not fan[0, -1]  # beside the fan's top
-    assert not fan[-1, 0] and not fan[-1, -1]  # below its arc, at the sides
-    assert fan[0, w // 2] and fan[h - 1, w // 2] and fan[h // 2, w // 2]
+    assert not fan[-1, 0] and not fan[-1, -1]  # below its far arc, at the sides
+    assert fan[h - 1, w // 2] and fan[h // 2, w // 2]
+    # The near arc dips below the top edge in the middle (the probe's face) and ends on it.
+    assert not fan[0, w // 2] and not fan[15, w // 2] and fan[25, w // 2]
+    columns = np.flatnonzero(fan[:3].any(0))
+    assert columns.size and np.all(np.abs(columns - (w - 1) / 2) > 80)
     # The straight sides reach the box's edges at 0.75 of its height, not above.
     row = round(0.75 * h)
     assert fan[row + 2, 0] and not fan[row - 10, 0]
@@ -254,40 +258,33 @@ def test_sector_mask_leaves_the_corners_of_the_box_unimaged() -> None:
         sector_mask(h, w, apex_above=0.0)
 
 
-def test_scan_conversion_bends_rows_into_arcs_and_columns_into_rays() -> None:
+def test_convex_view_indents_the_skin_and_keeps_deep_tissue_flat() -> None:
     h, w, apex_above, sides_at = 300, 400, 0.6, 0.75
     image = np.full((h, w), 40, np.uint8)
-    image[100, :] = 250  # a horizontal interface at depth 100
+    image[0:3, :] = 250  # the skin line
+    image[200, :] = 250  # a flat fascia plane, deep
+    image[:, 299:302] = 180  # a vertical line, three quarters across
     mask = np.zeros((h, w), np.uint8)
-    mask[150:, :] = 2
-    out, out_mask = scan_convert_pair(image, mask, apex_above, sides_at)
+    mask[230:, :] = 2
+    out, out_mask = convex_view_pair(image, mask, apex_above, sides_at)
     fan = sector_mask(h, w, apex_above, sides_at)
     assert out.shape == (h, w) and out_mask.shape == (h, w)
     assert not out[~fan].any() and not out_mask[~fan].any()  # nothing beside the fan
     assert set(np.unique(out_mask)) == {0, 2}  # no class that was not in the input
-    apex = np.array([(w - 1) / 2.0, -apex_above * h])
-    # The interface keeps its depth along every ray: an arc about the apex.
-    radii = []
-    for x in range(90, 311, 20):  # where the arc at depth 100 lies inside the fan
-        column = out[:150, x].astype(int)
-        y = int(np.argmax(column))
-        assert column[y] > 150
-        radii.append(np.hypot(x - apex[0], y - apex[1]))
-    assert np.ptp(radii) < 3.0
-    assert abs(np.mean(radii) - apex_above * h - 100) < 2.0
-    # A vertical line, three quarters across, becomes a ray: one line through the apex.
-    image = np.full((h, w), 40, np.uint8)
-    image[:, 299:302] = 250
-    out, _ = scan_convert_pair(image, mask, apex_above, sides_at)
-    ys = np.arange(60, 290, 20)
-    xs = np.array([np.argmax(out[y]) for y in ys])
-    assert (out[ys, xs] > 150).all()
-    directions = np.degrees(np.arctan2(xs - apex[0], ys - apex[1]))
-    assert np.ptp(directions) < 1.0 and directions.mean() > 5.0
-    # Deeper tissue stays deeper: the label's boundary follows the arc below the interface.
-    assert out_mask[140, w // 2] == 0 and out_mask[160, w // 2] == 2
+    # The skin line follows the near arc: where the fan begins in each column.
+    for x in range(120, 281, 20):
+        top = int(np.argmax(fan[:, x]))
+        assert out[top : top + 3, x].max() > 200
+        assert out[top + 6 : top + 40, x].max() < 100  # and only there
+    # The deep plane stays flat, the vertical line vertical, the label's edge where it was.
+    for x in range(60, w - 60, 20):
+        if fan[200, x] and abs(x - 300) > 3:
+            assert out[200, x] > 200
+    rows = [y for y in range(60, 290, 10) if fan[y, 300]]
+    assert all(out[y, 299:302].min() > 150 for y in rows)
+    assert out_mask[225, w // 2] == 0 and out_mask[235, w // 2] == 2
     with pytest.raises(ValueError):
-        scan_convert_pair(image, mask, apex_above=0.0)
+        convex_view_pair(image, mask, apex_above=0.0)
 
 
 def test_sector_view_converts_the_region_only_and_keeps_tissue_beside_the_fan() -> None:
@@ -305,7 +302,7 @@ def test_sector_view_converts_the_region_only_and_keeps_tissue_beside_the_fan() 
     fan = sector_mask(y1 - y0 + 1, x1 - x0 + 1)
     np.testing.assert_array_equal(imaged[inside], fan)
     assert imaged[outside].all()
-    converted, converted_mask = scan_convert_pair(image[inside], mask[inside])
+    converted, converted_mask = convex_view_pair(image[inside], mask[inside])
     np.testing.assert_array_equal(out[inside][fan], converted[fan])
     np.testing.assert_array_equal(out_mask[inside][fan], converted_mask[fan])
     # Beside the fan the tissue goes on, so moving the frame never moves the fan's edge.

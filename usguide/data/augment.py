@@ -26,9 +26,9 @@ What is modelled, and why:
 - :class:`RandomFlip`: left-right, as probes are held either way round. Never up-down: depth is
   physical (the probe is at the top).
 - :class:`RandomCropScale`: a crop of 60-100 % of the area resized back (zoom).
-- :func:`scan_convert_pair`: the same tissue as a convex probe displays it, in a fan (outside
-  the chain: training draws it for a share of samples, before needles are rendered, because a
-  needle is straight in the displayed image).
+- :func:`convex_view_pair`: the same tissue as a convex probe pressed on the skin shows it, in
+  a fan (outside the chain: training draws it for a share of samples, before needles are
+  rendered, because a needle is straight in the displayed image).
 
 :class:`UltrasoundAugment` chains them with probabilities and folds consecutive geometric
 transforms into one warp (one interpolation, one pass). For 256x256 the default chain takes
@@ -61,9 +61,9 @@ __all__ = [
     "Speckle",
     "Transform",
     "UltrasoundAugment",
+    "convex_view_pair",
     "default_transforms",
     "resize_pair",
-    "scan_convert_pair",
     "sector_mask",
     "sector_view",
     "warp_pair",
@@ -456,20 +456,23 @@ class Speckle(IntensityTransform):
 
 def _fan(
     height: int, width: int, apex_above: float, sides_at: float
-) -> tuple[np.ndarray, np.ndarray, float, float, np.ndarray]:
-    """Polar coordinates of a box's pixels about a fan's apex: (angle from straight down,
-    radius, the fan's half angle, its inner radius), and the fan; see :func:`sector_mask`."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fan of :func:`sector_mask` in a box, and the depth of its near arc per column."""
     if height < 1 or width < 1 or apex_above <= 0 or sides_at <= 0:
         raise ValueError("a sector needs a non-empty box and positive apex_above and sides_at")
     cx = (width - 1) / 2.0
     apex_y = -apex_above * height
     half_angle = math.atan2(width / 2.0, sides_at * height - apex_y)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    angle = np.arctan2(xx - cx, yy - apex_y)
-    radius = np.hypot(xx - cx, yy - apex_y)
-    inner = -apex_y
-    fan = (np.abs(angle) <= half_angle) & (radius >= inner) & (radius <= inner + height)
-    return angle, radius, half_angle, inner, fan
+    # The near arc (the probe's face) ends on the box's top edge and dips below it between.
+    inner = -apex_y / math.cos(half_angle)
+    outer = height - apex_y  # the far arc's lowest point is the box's bottom edge
+    dx = np.arange(width, dtype=np.float32) - np.float32(cx)
+    arc = np.maximum(apex_y + np.sqrt(np.maximum(inner**2 - dx**2, 0.0)), 0.0)
+    yy = np.arange(height, dtype=np.float32)[:, None]
+    angle = np.arctan2(np.abs(dx)[None, :], yy - apex_y)
+    radius = np.hypot(dx[None, :], yy - apex_y)
+    fan = (angle <= half_angle) & (radius >= inner) & (radius <= outer)
+    return fan, arc.astype(np.float32)
 
 
 def sector_mask(
@@ -478,26 +481,29 @@ def sector_mask(
     """Where a curvilinear (convex) probe's image lies in a ``height`` x ``width`` box: ``(H, W)``
     bool, True inside the fan.
 
-    The fan's apex is ``apex_above`` x ``height`` above the box's top centre; its straight sides
-    reach the box's left and right edges at ``sides_at`` x ``height``; its top arc passes through
-    the top centre and its bottom arc ``height`` further out. The box's top corners, and its
-    bottom corners below the arc, hold no image, as beside a real sector.
+    The fan's apex is ``apex_above`` x ``height`` above the box's top edge, over its centre; its
+    straight sides reach the box's left and right edges at ``sides_at`` x ``height``. Its near
+    arc (the probe's face) ends on the top edge and dips below it in the middle; its far arc's
+    lowest point is on the bottom edge. The box's top corners, the dip above the near arc, and
+    the bottom corners below the far arc hold no image, as beside a real sector.
     """
-    return _fan(height, width, apex_above, sides_at)[4]
+    return _fan(height, width, apex_above, sides_at)[0]
 
 
-def scan_convert_pair(
+def convex_view_pair(
     image: np.ndarray, mask: np.ndarray, apex_above: float = 0.6, sides_at: float = 0.75
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The image and mask as a convex probe would display the same tissue: each column becomes
-    a ray of the fan of :func:`sector_mask`, each row a depth along it.
+    """The image and mask (from a linear probe) as a convex probe pressed on the same skin would
+    show them, in the fan of :func:`sector_mask`.
 
-    The skin line then follows the fan's top arc and the tissue bends with it, as in a real
-    sector image. Same shape out; outside the fan is 0 in both (nothing imaged, no class). The
-    image is resampled bilinearly, the mask by nearest neighbour.
+    The probe's curved face indents the skin: the skin line and the tissue just under it follow
+    the fan's near arc, and the indentation fades over the first ``CONFORM_DEPTH`` of the
+    height, so deeper tissue keeps its shape (a flat fascia plane stays flat and meets the fan's
+    sides). Same shape out; beside the fan is 0 in both (nothing imaged, no class). The image is
+    resampled bilinearly, the mask by nearest neighbour.
     """
     _check_pair(image, mask)
-    out_image, out_mask, fan = _fan_remap(image, mask, apex_above, sides_at)
+    out_image, out_mask, fan = _convex_remap(image, mask, apex_above, sides_at)
     out_image[~fan] = 0
     out_mask[~fan] = 0
     return out_image, out_mask
@@ -512,11 +518,11 @@ def sector_view(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A frame as a convex probe would show the tissue of its imaging region ``box``
     (x0, y0, x1, y1, inclusive), for making sector sequences: inside the box, image and mask
-    are scan-converted as by :func:`scan_convert_pair`; outside it, unchanged.
+    as by :func:`convex_view_pair`; outside it, unchanged.
 
-    Beside the fan the tissue goes on (mirrored at the fan's edges) instead of being black, so
-    that a sequence moving the frame under a probe moves tissue, never the fan's edge: black out
-    ``~imaged`` after drawing and moving.
+    Beside the fan the tissue goes on instead of being black, so that a sequence moving the
+    frame under a probe moves tissue, never the fan's edge: black out ``~imaged`` after drawing
+    and moving.
 
     Returns the new image and mask, and ``imaged`` ``(H, W)`` bool: False beside the fan inside
     the box, True elsewhere.
@@ -526,20 +532,27 @@ def sector_view(
     inside = (slice(y0, y1 + 1), slice(x0, x1 + 1))
     out_image, out_mask = image.copy(), mask.copy()
     imaged = np.ones(image.shape, bool)
-    out_image[inside], out_mask[inside], imaged[inside] = _fan_remap(
+    out_image[inside], out_mask[inside], imaged[inside] = _convex_remap(
         image[inside], mask[inside], apex_above, sides_at
     )
     return out_image, out_mask, imaged
 
 
-def _fan_remap(
+# Share of the box's height over which a convex probe's indentation of the skin fades out.
+CONFORM_DEPTH = 0.3
+
+
+def _convex_remap(
     image: np.ndarray, mask: np.ndarray, apex_above: float, sides_at: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scan-converted image and mask (mirrored beyond the fan's edges) and the fan."""
+    """Image and mask indented by the probe's face (tissue continued beside the fan), and the
+    fan."""
     h, w = image.shape
-    angle, radius, half_angle, inner, fan = _fan(h, w, apex_above, sides_at)
-    map_x = (angle / np.float32(half_angle) + 1.0) * np.float32((w - 1) / 2.0)
-    map_y = (radius - np.float32(inner)) * np.float32((h - 1) / h)
+    fan, arc = _fan(h, w, apex_above, sides_at)
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    fade = np.clip(1.0 - (yy - arc[None, :]) / np.float32(CONFORM_DEPTH * h), 0.0, 1.0)
+    map_y = yy - arc[None, :] * fade
+    map_x = np.broadcast_to(np.arange(w, dtype=np.float32)[None, :], (h, w)).copy()
     out_image = cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     out_mask = cv2.remap(mask, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT)
     return out_image, out_mask, fan

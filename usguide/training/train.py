@@ -194,7 +194,7 @@ class Batches:
     def epoch(
         self, rng: np.random.Generator
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        from usguide.data.augment import resize_pair, scan_convert_pair, sector_mask
+        from usguide.data.augment import convex_view_pair, resize_pair, sector_mask
         from usguide.data.injectate_render import random_pocket
 
         cfg = self.config
@@ -209,7 +209,7 @@ class Batches:
                 sector = cfg.sector_probability > 0 and rng.random() < cfg.sector_probability
                 if sector:
                     fan_shape = (rng.uniform(*SECTOR_APEX_ABOVE), rng.uniform(*SECTOR_SIDES_AT))
-                    image, mask = scan_convert_pair(image, mask, *fan_shape)
+                    image, mask = convex_view_pair(image, mask, *fan_shape)
                 needle = rng.random() < cfg.needle_probability
                 if needle:
                     image, mask = _draw_needle(
