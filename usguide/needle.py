@@ -572,8 +572,8 @@ class NeedleDetector:
             # Nor does bright tissue in line before the model's first needle pixel extend it.
             first_px = extent[0] - cfg.beyond_model_mm / mm_per_px
             start = min(stop - 1, max(start, int(np.searchsorted(s, first_px))))
-        length_px = float((profile[start:stop] >= cfg.run_fraction * level).sum())
-        if length_px * mm_per_px < cfg.min_length_mm:
+        # Early exit: the whole run is never shorter than the shaft up to its tip (found below).
+        if (profile[start:stop] >= cfg.run_fraction * level).sum() * mm_per_px < cfg.min_length_mm:
             return None
         contrast = float(np.percentile(profile[start:stop], 75))
         # A needle is straight: its centre line stays on the fitted axis (fascia curves away).
