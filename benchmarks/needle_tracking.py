@@ -10,10 +10,11 @@ the validation split of both data sets (USGRA-Seg nerve-block scans and DL_Track
 with simulated probe motion; the needle advances, pauses, withdraws, pivots, drifts partly out
 of plane and is absent for stretches. Each frame goes through the shipped segmentation model,
 then :class:`usguide.needle.NeedleStage`. With ``--sector`` the same sequences are shown as a
-curvilinear probe shows them (the frames of both data sets come from linear probes): the tissue
-of the imaging region is scan-converted into a fan (:func:`usguide.data.augment.sector_view`:
-the skin line follows the fan's top arc, and beside the fan is black), the needle is drawn
-straight, as a convex probe displays it, and the truth is cut to the fan.
+curvilinear probe shows them (the frames of both data sets come from linear probes): the
+imaging region is shown in a fan (:func:`usguide.data.augment.sector_view`: the probe's face
+indents the skin, so the skin line follows the fan's near arc, deeper tissue keeps its shape,
+and beside the fan is black), the needle is drawn straight, as a convex probe displays it, and
+the truth is cut to the fan.
 
 Figures:
 

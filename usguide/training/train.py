@@ -51,9 +51,10 @@ class TrainConfig:
     # Share of training images given an anechoic fluid pocket (injectate, hydrodissection),
     # mostly beside a nerve, labelled background: fluid next to a nerve is not nerve.
     injectate_probability: float = 0.0
-    # Share of training images shown as a convex probe displays them (scan-converted into a fan,
-    # black beside it), so that the fan's edges and its curved skin line are learnt as no needle
-    # and no fascia. Needles are rendered after the conversion: they stay straight.
+    # Share of training images shown as a convex probe pressed on the same skin displays them
+    # (usguide.data.augment.convex_view_pair: in a fan, black beside it), so that the fan's edges
+    # and its curved skin line are learnt as no needle and no fascia. Needles are rendered after
+    # the conversion: they stay straight. Tried for 1.5.0 and not shipped (see the model card).
     sector_probability: float = 0.0
     val_fraction: float = 0.2
     datasets: tuple[str, ...] = ("usgra-seg", "dltrack-apo")
