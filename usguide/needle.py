@@ -8,9 +8,10 @@ own line evidence:
    than ~2 mm, so thick fascia bands drop out).
 2. **Shaft**: RANSAC line through the candidates, model pixels counting more (of its inliers,
    only the heaviest group with no gap over 6 mm along the line: a fleck in line with the needle
-   is not its continuation); then a weighted fit to the shaft's centre line at full resolution
-   (each centre measured on a window symmetric about the axis, so the image's edge cutting the
-   shaft does not tilt it).
+   is not its continuation); then a weighted fit to the shaft's centre line at full resolution.
+   Each centre is the middle of the shaft's own cross-section (the run above half its maximum),
+   so bright tissue beside the shaft does not tilt it, measured on a window symmetric about the
+   axis, so the image's edge cutting the shaft does not tilt it either.
    When that line is not a convincing shaft, a second line through the model pixels more than
    1 mm from it is measured too, and the more needle-like of the two is kept (the model can mark
    a longer bright line beside the needle).
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -527,14 +529,22 @@ class NeedleDetector:
             np.minimum(background, float(np.median(background)), out=background)
             if step == 3:
                 break
-            # Re-centre the axis on the ridge: the offset of the brightness centroid across the
-            # shaft, fitted along the part the candidates cover.
+            # Re-centre the axis on the shaft: the middle of the shaft's cross-sections, fitted
+            # along the part the candidates cover.
             i0 = int(np.searchsorted(s, extent[0]))
             i1 = int(np.searchsorted(s, extent[1], side="right"))
             if i1 - i0 < 4:
                 break
             offsets, strength = _shaft_centre(
-                band, background, s, slice(i0, i1), centre, direction, grey.shape, reach
+                band,
+                background,
+                s,
+                slice(i0, i1),
+                centre,
+                direction,
+                grey.shape,
+                reach,
+                _middle_offsets,
             )
             use = strength > 0.25 * strength.max()
             if use.sum() < 4:
@@ -578,7 +588,15 @@ class NeedleDetector:
         contrast = float(np.percentile(profile[start:stop], 75))
         # A needle is straight: its centre line stays on the fitted axis (fascia curves away).
         offsets, strength = _shaft_centre(
-            band, background, s, slice(start, stop), centre, direction, grey.shape, reach
+            band,
+            background,
+            s,
+            slice(start, stop),
+            centre,
+            direction,
+            grey.shape,
+            reach,
+            _centroid_offsets,
         )
         on_shaft = strength > 0
         wander = float(np.sqrt(np.mean(offsets[on_shaft] ** 2))) if on_shaft.any() else 0.0
@@ -757,12 +775,14 @@ def _shaft_centre(
     direction: np.ndarray,
     shape: tuple[int, ...],
     reach: int,
+    offsets_of: Callable[..., tuple[np.ndarray, np.ndarray]],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_centre_offsets` on the cross-sections ``rows`` of a band sampled along
-    ``centre + s * direction`` in an image of ``shape``."""
+    """``offsets_of`` (:func:`_middle_offsets` or :func:`_centroid_offsets`) on the
+    cross-sections ``rows`` of a band sampled along ``centre + s * direction`` in an image of
+    ``shape``."""
     half = band.shape[1] // 2
     within = _within_across(centre, direction, s[rows], shape[1], shape[0], reach)
-    return _centre_offsets(band[rows], background[rows], half, reach, within)
+    return offsets_of(band[rows], background[rows], half, reach, within)
 
 
 def _within_across(
@@ -783,25 +803,62 @@ def _within_across(
     return np.clip(np.minimum(-lo, hi), 0.0, float(reach))
 
 
-def _centre_offsets(
+def _above_half(
     band: np.ndarray, background: np.ndarray, half: int, reach: int, within: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Offset of the shaft's centre from the axis at each position, and its weight.
-
-    The centroid of what lies above half the maximum across the shaft: the centre of a thick
-    shaft whatever its wall pattern. Only a window symmetric about the axis counts, as wide as
-    the image allows (``within``): where the image's edge cuts the shaft, the centroid of what
-    is left would lie off the shaft's centre.
-    """
+    """Per cross-section, how far each pixel within ``reach`` of the axis stands above half the
+    cross-section's maximum (negative below it), and the window that counts: pixels whose
+    distance from the axis is at most ``within`` (the image's edge may cut the window, and
+    only a window symmetric about the axis measures a centre)."""
     inner = band[:, half - reach : half + reach + 1] - background[:, None]
+    across = np.abs(np.arange(-reach, reach + 1, dtype=np.float32))
+    window = across[None, :] <= within[:, None] + 1e-6
+    inner *= window
+    return inner - 0.5 * inner.max(1, keepdims=True), window
+
+
+def _centroid_offsets(
+    band: np.ndarray, background: np.ndarray, half: int, reach: int, within: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Offset from the axis of the centroid of everything above half the maximum across the
+    band, and its weight, at each position: how far bright structure lies off the axis (a
+    bright band beside the shaft pulls it too, which is what a wander measure should see)."""
+    above, _ = _above_half(band, background, half, reach, within)
+    np.maximum(above, 0.0, out=above)
+    strength = above.sum(1)
     across = np.arange(-reach, reach + 1, dtype=np.float32)
-    cut = np.flatnonzero(within < reach)
-    if cut.size:
-        inner[cut] *= np.abs(across)[None, :] <= within[cut, None] + 1e-6
-    inner = np.maximum(inner - 0.5 * inner.max(1, keepdims=True), 0.0)
-    strength = inner.sum(1)
-    offsets = (inner @ across) / np.maximum(strength, 1e-6)
+    offsets = (above @ across) / np.maximum(strength, 1e-6)
     return offsets.astype(np.float64), strength
+
+
+def _middle_offsets(
+    band: np.ndarray, background: np.ndarray, half: int, reach: int, within: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Offset from the axis of the shaft's middle at each position, and its weight.
+
+    The shaft's cross-section is the run above half the maximum that holds the maximum; its
+    middle is the centre of a thick shaft whatever its wall pattern, and tissue beside the shaft
+    but apart from it does not pull it (as it pulls a centroid). A run that reaches the edge of
+    the window is wider than the window lets us see, or merges with bright tissue: its middle
+    is no measure and gets no weight, unless fewer than 4 cross-sections are left.
+    """
+    above, window = _above_half(band, background, half, reach, within)
+    index = np.arange(above.shape[1])[None, :]
+    peak = above.argmax(1)[:, None]
+    below = above <= 0.0
+    # The run: between the last pixel below half before the peak and the first one after it.
+    first = np.where(below & (index < peak), index, -1).max(1) + 1
+    last = np.where(below & (index > peak), index, above.shape[1]).min(1) - 1
+    offsets = 0.5 * (first + last) - reach
+    in_run = (index >= first[:, None]) & (index <= last[:, None])
+    strength = (above * in_run).sum(1)
+    # The window's own edges on each side (the image may cut it).
+    open_lo = np.argmax(window, axis=1)
+    open_hi = above.shape[1] - 1 - np.argmax(window[:, ::-1], axis=1)
+    clean = (first > open_lo) & (last < open_hi)
+    if clean.sum() >= 4:
+        strength = strength * clean
+    return offsets.astype(np.float64), strength.astype(np.float32)
 
 
 def _nonzero_xy(mask: np.ndarray) -> np.ndarray:
