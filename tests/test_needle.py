@@ -447,6 +447,28 @@ def test_bright_tissue_beside_a_thick_shaft_does_not_tilt_it(gap_px):
     assert np.mean(errors) <= 0.5
 
 
+def test_a_short_thick_shaft_keeps_its_angle():
+    # 3 mm of an 18 G needle just through the top edge: 30 px long and 12 px wide. The RANSAC
+    # line with the most inliers in a thin strip is its diagonal, and the axis was fitted to
+    # that strip alone (errors of 1-14 degrees); all of the shaft's width now counts.
+    angle, box = 30.0, (0, 20, 639, 479)
+    d = (math.cos(math.radians(angle)), math.sin(math.radians(angle)))
+    errors = []
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        image = np.clip(70 + rng.normal(0, 12, (480, 640)), 0, 255).astype(np.uint8)
+        image[:20] = 0
+        entry = (200.0 + 9 * seed, 19.5)
+        tip = (entry[0] + 30.0 * d[0], entry[1] + 30.0 * d[1])
+        drawn = render_needle(image, NeedlePose(entry, tip, 12.0, None), rng=rng, region=box)
+        labels = np.zeros(image.shape, np.uint8)
+        labels[drawn.mask] = 4
+        found = NeedleStage().detector(frame_of(drawn.image, 0, box), labels)
+        assert found is not None
+        errors.append(abs(found.angle_deg - drawn.angle_deg))
+    assert max(errors) <= 2.0
+
+
 def sector_of(image: np.ndarray, box) -> np.ndarray:
     """Where a curvilinear probe's fan inside ``box`` images, ``(H, W)`` bool."""
     x0, y0, x1, y1 = box

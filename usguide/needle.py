@@ -58,6 +58,10 @@ _SAME_LINE_DEG = 5.0
 # The model's needle pixels on one line but further apart than this are separate structures (a
 # fleck of fascia in line with the shaft); out-of-plane gaps in one shaft are shorter.
 _SHAFT_GAP_MM = 6.0
+# Points within this distance of the best RANSAC line are the shaft whose axis is fitted: all of
+# a thick shaft (18 G is 1.3 mm) and its blur, not only the thin strip of inliers that chose the
+# line, which on a short thick shaft runs along its diagonal.
+_SHAFT_HALF_WIDTH_MM = 1.0
 # A re-centring of the shaft's axis that moves it less than this anywhere along the band has
 # converged (the tip is located to about a pixel).
 _AXIS_SETTLED_PX = 0.1
@@ -348,7 +352,13 @@ class NeedleDetector:
         # needle has: when the first line is not a convincing shaft, the line through the
         # remaining model pixels gets its chance, and the more needle-like of the two is kept.
         for _ in range(2 if from_model else 1):
-            fit = self._ransac(points, weights, tol=1.5, split=_SHAFT_GAP_MM / (mm_per_px * f))
+            fit = self._ransac(
+                points,
+                weights,
+                tol=1.5,
+                width=_SHAFT_HALF_WIDTH_MM / (mm_per_px * f),
+                split=_SHAFT_GAP_MM / (mm_per_px * f),
+            )
             if fit is None:
                 break
             centre, direction, extent = fit
@@ -406,12 +416,13 @@ class NeedleDetector:
         return points[self._rng.choice(len(points), n, replace=False)]
 
     def _ransac(
-        self, points: np.ndarray, weights: np.ndarray, tol: float, split: float
+        self, points: np.ndarray, weights: np.ndarray, tol: float, width: float, split: float
     ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]] | None:
-        """Best line by weighted inliers: centre, unit direction pointing down the image, and the
-        inliers' extent (s_min, s_max) along it from the centre.
+        """Best line by weighted inliers (within ``tol`` of it), then the major axis of the
+        points within ``width`` of it: centre, unit direction pointing down the image, and their
+        extent (s_min, s_max) along it from the centre.
 
-        Inliers further apart along the line than ``split`` are separate structures; the
+        Points further apart along the line than ``split`` are separate structures; the
         heaviest group is the shaft."""
         cfg = self.config
         n = len(points)
@@ -435,9 +446,8 @@ class NeedleDetector:
             (points[None, :, 0] - p[:, None, 0]) * d[:, None, 1]
             - (points[None, :, 1] - p[:, None, 1]) * d[:, None, 0]
         )
-        inlier = dist <= tol
-        best = int(np.argmax(inlier @ weights))
-        mask = inlier[best]
+        best = int(np.argmax((dist <= tol) @ weights))
+        mask = dist[best] <= width
         if mask.sum() < 2:
             return None
         pts, w = points[mask], weights[mask]
