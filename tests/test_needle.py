@@ -164,11 +164,12 @@ def detection(
     confidence: float = 0.9,
     in_plane: bool = True,
     shaft_confidence: float | None = None,
+    angle: float = 30.0,
 ) -> NeedleDetection:
     return NeedleDetection(
         tip_xy=(x, y),
         entry_xy=(0.0, 0.0),
-        angle_deg=30.0,
+        angle_deg=angle,
         side="left",
         visible_length_px=50.0,
         contrast=100.0,
@@ -227,6 +228,23 @@ def test_agreeing_outliers_move_the_track():
     for i in range(5, 8):
         state = tracker.update(detection(400.0, 300.0), frame_of(blank, i, box))
     assert math.dist(state.tip_xy, (400.0, 300.0)) < 2.0
+
+
+def test_a_line_at_another_angle_ending_near_the_tip_does_not_turn_the_track():
+    # A bright structure at 40 degrees whose end lies 1 mm from a 20-degree needle's tip: it
+    # was taken as the needle, and the reported angle swung by 10-20 degrees.
+    tracker = NeedleTracker(NeedleConfig(confirm_frames=1, reinit_frames=3))
+    box = (0, 0, 639, 479)
+    blank = np.zeros((480, 640), np.uint8)
+    for i in range(5):
+        tracker.update(detection(100.0 + i, 100.0, angle=20.0), frame_of(blank, i, box))
+    other = tracker.update(detection(106.0, 108.0, angle=40.0), frame_of(blank, 5, box))
+    assert abs(other.angle_deg - 20.0) < 1.0 and other.status == "coasting"
+    assert tracker.update(detection(106.0, 100.0, angle=20.5), frame_of(blank, 6, box)).visible
+    # The same structure on several frames in a row is the needle now.
+    for i in range(7, 10):
+        state = tracker.update(detection(106.0, 108.0, angle=40.0), frame_of(blank, i, box))
+    assert abs(state.angle_deg - 40.0) < 1.0
 
 
 def test_hold_then_not_visible():

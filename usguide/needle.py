@@ -26,7 +26,8 @@ own line evidence:
 5. **Insertion side**: the shaft is followed back, upward, to where it meets the region's edge.
 
 :class:`NeedleTracker` filters the tip and angle with a constant-velocity Kalman filter. A single
-detection far from the track is rejected rather than followed (no jump); a new track must be seen
+detection far from the track, or on a line at another angle (a bright structure whose end lies
+near the tip), is rejected rather than followed (no jump); a new track must be seen
 on ``confirm_frames`` consecutive frames; after ``hold_s`` without a detection the tip is reported
 not visible instead of a stale position.
 
@@ -111,9 +112,11 @@ class NeedleConfig:
         Consecutive detections needed to start a track.
     gate_mm : float
         A detection further than this from the predicted tip (plus 3 sigma of the filter) is an
-        outlier.
+        outlier; so is one whose shaft turns more than 5 degrees (plus 3 sigma) from the
+        track's.
     reinit_frames : int
-        Consecutive outliers that agree with each other restart the track there.
+        Consecutive outliers that agree with each other (tips within ``gate_mm``, angles
+        within 5 degrees) restart the track there.
     min_angle_deg, max_angle_deg : float
         Shaft angles to the probe surface that are searched.
     nominal_spacing_mm : float
@@ -943,7 +946,10 @@ class NeedleTracker:
                 distance = math.hypot(
                     usable.tip_xy[0] - self._state[0], usable.tip_xy[1] - self._state[1]
                 )
-                if distance <= gate_px + spread:
+                # A line at another angle is another structure, even with its end near the tip.
+                turn = abs(usable.angle_deg - self._state[2])
+                same_line = turn <= _SAME_LINE_DEG + 3.0 * math.sqrt(self._cov[2, 2])
+                if distance <= gate_px + spread and same_line:
                     self._correct(usable, mm_per_px)
                     self._outliers.clear()
                     updated = True
@@ -1069,9 +1075,11 @@ class NeedleTracker:
 
 
 def _agree(detections: list[NeedleDetection], gate_px: float) -> bool:
-    """Consecutive detections whose tips lie within the gate of each other."""
+    """Consecutive detections on one line: tips within the gate of each other, angles within
+    ``_SAME_LINE_DEG``."""
     return all(
         math.hypot(a.tip_xy[0] - b.tip_xy[0], a.tip_xy[1] - b.tip_xy[1]) <= gate_px
+        and abs(a.angle_deg - b.angle_deg) <= _SAME_LINE_DEG
         for a, b in itertools.pairwise(detections)
     )
 
