@@ -16,6 +16,7 @@ from usguide.data.needle_render import (
     NeedlePose,
     angular_gain,
     needle_sequence,
+    random_appearance,
     random_pose,
     render_needle,
 )
@@ -204,6 +205,22 @@ def test_steep_needles_are_dimmer(speckle: np.ndarray) -> None:
         means[angle] = out.image[out.mask & ~bevel].mean()
     assert means[60.0] < means[15.0] - 40
     assert means[15.0] > 170  # the shallow shaft is among the brightest structures
+
+
+def test_a_fainter_look_draws_a_fainter_needle_with_the_same_truth(speckle: np.ndarray) -> None:
+    rng = np.random.default_rng(5)
+    looks = [random_appearance(rng, (0.6, 0.7)) for _ in range(50)]
+    assert all(0.6 <= look["brightness"] <= 0.7 for look in looks)
+    pose = make_pose((-0.5, 30.0), 25.0, 250.0, "left", 8.0)
+    drawn = {
+        b: render_needle(
+            speckle, pose, rng=np.random.default_rng(3), reverb=0.4, shadow=0.0, brightness=b
+        )
+        for b in (0.65, 1.0)
+    }
+    assert np.array_equal(drawn[0.65].mask, drawn[1.0].mask)
+    inside = drawn[1.0].mask
+    assert drawn[0.65].image[inside].mean() < drawn[1.0].image[inside].mean() - 15
 
 
 def test_shaft_is_bright_but_not_flat(real_frame: tuple) -> None:

@@ -88,8 +88,9 @@ def test_varied_look_changes_the_needle_not_its_mask(tmp_path: Path) -> None:
     from usguide.training.train import Prepared, with_needle
 
     toml = tmp_path / "train.toml"
-    toml.write_text("needle_varied_look = true\n")
-    assert TrainConfig.from_toml(toml).needle_varied_look
+    toml.write_text("needle_varied_look = true\nneedle_brightness_range = [0.6, 0.8]\n")
+    config = TrainConfig.from_toml(toml)
+    assert config.needle_varied_look and config.needle_brightness_range == (0.6, 0.8)
     native = np.random.default_rng(1).integers(20, 120, (300, 300)).astype(np.uint8)
     sample = Prepared(
         native[:64, :64], 0 * native[:64, :64], np.ones(5, bool), "s", native, 0 * native

@@ -581,11 +581,18 @@ def random_visibility(rng: np.random.Generator, n: int = 33) -> np.ndarray:
     return np.exp(-0.5 * e * e)
 
 
-def random_appearance(rng: np.random.Generator) -> dict[str, float]:
-    """Random ``reverb``, ``shadow`` and ``brightness`` for :func:`render_needle`: needles differ
-    in gauge, coating and tissue above them, so one fixed look would teach a model one needle."""
+# Needle brightness range of the benchmark's sequences (relative to the image's echo level).
+NEEDLE_BRIGHTNESS = (0.9, 1.05)
+
+
+def random_appearance(
+    rng: np.random.Generator, brightness: tuple[float, float] = NEEDLE_BRIGHTNESS
+) -> dict[str, float]:
+    """Random ``reverb``, ``shadow`` and ``brightness`` (uniform over ``brightness``) for
+    :func:`render_needle`: needles differ in gauge, coating and tissue above them, so one fixed
+    look would teach a model one needle."""
     reverb, shadow = rng.uniform(0.3, 0.6), rng.uniform(0.0, 0.25)
-    return {"reverb": reverb, "shadow": shadow, "brightness": rng.uniform(0.9, 1.05)}
+    return {"reverb": reverb, "shadow": shadow, "brightness": rng.uniform(*brightness)}
 
 
 def random_pose(

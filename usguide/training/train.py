@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from usguide.data.needle_render import NEEDLE_BRIGHTNESS
 from usguide.labels import CLASS_NAMES, NEEDLE
 from usguide.segment import normalise
 
@@ -46,8 +47,10 @@ class TrainConfig:
     # drew 5-60 degrees, see models/usguide-seg/train.toml; the card lists what was tried).
     needle_min_length_mm: float = 8.0
     needle_angle_range_deg: tuple[float, float] = (10.0, 60.0)
-    # Vary the rendered needles' brightness, reverberation and shadow (on for 1.4.0).
+    # Vary the rendered needles' brightness, reverberation and shadow (on for 1.4.0), the
+    # brightness over this range (a faint needle in bright muscle has little contrast).
     needle_varied_look: bool = False
+    needle_brightness_range: tuple[float, float] = NEEDLE_BRIGHTNESS
     # Share of training images given an anechoic fluid pocket (injectate, hydrodissection),
     # mostly beside a nerve, labelled background: fluid next to a nerve is not nerve.
     injectate_probability: float = 0.0
@@ -77,7 +80,8 @@ class TrainConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{path}: unknown settings {unknown}")
-        for key in ("input_size", "datasets", "channels", "depth", "needle_angle_range_deg"):
+        tuples = ("input_size", "datasets", "channels", "depth", "needle_angle_range_deg")
+        for key in (*tuples, "needle_brightness_range"):
             if key in raw:
                 raw[key] = tuple(raw[key])
         return cls(**raw)
@@ -158,8 +162,9 @@ def with_needle(
     (:func:`usguide.data.needle_render.random_appearance`), else the renderer's defaults."""
     from usguide.data.augment import resize_pair
 
+    brightness = NEEDLE_BRIGHTNESS if varied_look else None
     image, mask = _draw_needle(
-        sample.native_image, sample.native_mask, rng, varied_look, **pose_options
+        sample.native_image, sample.native_mask, rng, brightness, **pose_options
     )
     return resize_pair(image, mask, size)
 
@@ -168,13 +173,16 @@ def _draw_needle(
     image: np.ndarray,
     mask: np.ndarray,
     rng: np.random.Generator,
-    varied_look: bool,
+    brightness: tuple[float, float] | None,
     **pose_options: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """A needle drawn on the image, its pixels labelled needle in the mask. With a
+    ``brightness`` range its look varies (:func:`usguide.data.needle_render.random_appearance`),
+    else the renderer's defaults."""
     from usguide.data.needle_render import random_appearance, random_pose, render_needle
 
     pose = random_pose(image.shape, rng, **pose_options)
-    look = random_appearance(rng) if varied_look else {}
+    look = random_appearance(rng, brightness) if brightness is not None else {}
     rendered = render_needle(image, pose, rng=rng, **look)
     mask = mask.copy()
     mask[rendered.mask] = NEEDLE
@@ -217,7 +225,7 @@ class Batches:
                         image,
                         mask,
                         rng,
-                        cfg.needle_varied_look,
+                        cfg.needle_brightness_range if cfg.needle_varied_look else None,
                         min_length_mm=cfg.needle_min_length_mm,
                         angle_range_deg=cfg.needle_angle_range_deg,
                     )
