@@ -818,16 +818,17 @@ def _within_across(
 
 def _above_half(
     band: np.ndarray, background: np.ndarray, half: int, reach: int, within: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+) -> np.ndarray:
     """Per cross-section, how far each pixel within ``reach`` of the axis stands above half the
-    cross-section's maximum (negative below it), and the window that counts: pixels whose
-    distance from the axis is at most ``within`` (the image's edge may cut the window, and
-    only a window symmetric about the axis measures a centre)."""
+    cross-section's maximum (negative below it). Only pixels at most ``within`` from the axis
+    count (0 beyond): the image's edge may cut the window, and only a window symmetric about
+    the axis measures a centre."""
     inner = band[:, half - reach : half + reach + 1] - background[:, None]
-    across = np.abs(np.arange(-reach, reach + 1, dtype=np.float32))
-    window = across[None, :] <= within[:, None] + 1e-6
-    inner *= window
-    return inner - 0.5 * inner.max(1, keepdims=True), window
+    cut = np.flatnonzero(within < reach)
+    if cut.size:
+        across = np.abs(np.arange(-reach, reach + 1, dtype=np.float32))
+        inner[cut] *= across[None, :] <= within[cut, None] + 1e-6
+    return inner - 0.5 * inner.max(1, keepdims=True)
 
 
 def _centroid_offsets(
@@ -836,7 +837,7 @@ def _centroid_offsets(
     """Offset from the axis of the centroid of everything above half the maximum across the
     band, and its weight, at each position: how far bright structure lies off the axis (a
     bright band beside the shaft pulls it too, which is what a wander measure should see)."""
-    above, _ = _above_half(band, background, half, reach, within)
+    above = _above_half(band, background, half, reach, within)
     np.maximum(above, 0.0, out=above)
     strength = above.sum(1)
     across = np.arange(-reach, reach + 1, dtype=np.float32)
@@ -855,7 +856,7 @@ def _middle_offsets(
     the window is wider than the window lets us see, or merges with bright tissue: its middle
     is no measure and gets no weight, unless fewer than 4 cross-sections are left.
     """
-    above, window = _above_half(band, background, half, reach, within)
+    above = _above_half(band, background, half, reach, within)
     index = np.arange(above.shape[1])[None, :]
     peak = above.argmax(1)[:, None]
     below = above <= 0.0
@@ -866,9 +867,8 @@ def _middle_offsets(
     in_run = (index >= first[:, None]) & (index <= last[:, None])
     strength = (above * in_run).sum(1)
     # The window's own edges on each side (the image may cut it).
-    open_lo = np.argmax(window, axis=1)
-    open_hi = above.shape[1] - 1 - np.argmax(window[:, ::-1], axis=1)
-    clean = (first > open_lo) & (last < open_hi)
+    open_half = np.floor(within + 1e-6).astype(np.int64)
+    clean = (first > reach - open_half) & (last < reach + open_half)
     if clean.sum() >= 4:
         strength = strength * clean
     return offsets.astype(np.float64), strength.astype(np.float32)
