@@ -80,8 +80,14 @@ class TrainConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{path}: unknown settings {unknown}")
-        tuples = ("input_size", "datasets", "channels", "depth", "needle_angle_range_deg")
-        for key in (*tuples, "needle_brightness_range"):
+        for key in (
+            "input_size",
+            "datasets",
+            "channels",
+            "depth",
+            "needle_angle_range_deg",
+            "needle_brightness_range",
+        ):
             if key in raw:
                 raw[key] = tuple(raw[key])
         return cls(**raw)
