@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/needle_tracking.py [--model PATH] [--data DIR] [--sequences 32] [--frames 80]
-                                         [--sector] [--baseline GIT_REV]
+                                         [--sector] [--bend-radius-mm R] [--baseline GIT_REV]
 
 Sequences: a needle rendered (``usguide.data.needle_render.needle_sequence``) onto real frames of
 the validation split of both data sets (USGRA-Seg nerve-block scans and DL_Track muscle scans),
@@ -14,7 +14,9 @@ curvilinear probe shows them (the frames of both data sets come from linear prob
 imaging region is shown in a fan (:func:`usguide.data.augment.sector_view`: the probe's face
 indents the skin, so the skin line follows the fan's near arc, deeper tissue keeps its shape,
 and beside the fan is black), the needle is drawn straight, as a convex probe displays it, and
-the truth is cut to the fan.
+the truth is cut to the fan. With ``--bend-radius-mm R`` every needle bends in plane, as thin
+needles do in tissue (each insertion a curvature from straight to 1/R, either way; R = 200 mm
+bends a 40 mm shaft 1 mm from its chord).
 
 Figures:
 
@@ -82,12 +84,14 @@ def sequences(
     seed: int,
     subset: str = "validation",
     sector: bool = False,
+    bend_radius_mm: float | None = None,
 ):
     """(name, frames, truths, region) per sequence, from images of one split of both sets.
 
     Every image of the split is used once before any is used again (with another needle). With
     ``sector``, the region's tissue is shown in a fan, and nothing beside the fan is imaged (the
-    same needles otherwise)."""
+    same needles otherwise). ``bend_radius_mm`` bends the needles in plane (see
+    :func:`~usguide.data.needle_render.needle_sequence`)."""
     rng = np.random.default_rng(seed)
     for dataset in (UsgraSeg(root), DlTrackApo(root)):
         train, val = split(dataset, val_fraction=0.2, seed=0)
@@ -106,7 +110,9 @@ def sequences(
                 grey = scan if scan.ndim == 2 else cv2.cvtColor(scan, cv2.COLOR_RGB2GRAY)
                 scan, _, imaged = sector_view(grey, np.zeros_like(grey), box)
             frames, truths = [], []
-            for image, truth in needle_sequence(scan, n_frames, rng, region=box):
+            for image, truth in needle_sequence(
+                scan, n_frames, rng, region=box, bend_radius_mm=bend_radius_mm
+            ):
                 if imaged is not None:
                     image = image * imaged  # a needle is imaged only inside the fan
                     truth = truth.within(imaged)
@@ -128,7 +134,13 @@ def needle_in_image(truth: NeedleTruth) -> bool:
 
 
 def run(
-    model: str, root: str | None, n_per_set: int, n_frames: int, seed: int, sector: bool = False
+    model: str,
+    root: str | None,
+    n_per_set: int,
+    n_frames: int,
+    seed: int,
+    sector: bool = False,
+    bend_radius_mm: float | None = None,
 ) -> dict:
     segmenter = Segmenter(model)
     stage = NeedleStage()
@@ -139,7 +151,9 @@ def run(
     # Needle-in-image frames and those found, by insertion angle and by kind of scan.
     found_by: dict[str, list[int]] = {k: [0, 0] for k in (*ANGLE_BINS, *SCANS.values())}
     misses = 0
-    for name, frames, truths, box in sequences(root, n_per_set, n_frames, seed, sector=sector):
+    for name, frames, truths, box in sequences(
+        root, n_per_set, n_frames, seed, sector=sector, bend_radius_mm=bend_radius_mm
+    ):
         scan = SCANS[name.split("/")[0]]
         segmenter.reset()
         stage.reset()
@@ -312,6 +326,12 @@ def main() -> None:
         "--sector", action="store_true", help="show the sequences as a curvilinear probe would"
     )
     parser.add_argument(
+        "--bend-radius-mm",
+        type=float,
+        default=None,
+        help="bend every needle in plane, with radii down to this (none: straight needles)",
+    )
+    parser.add_argument(
         "--baseline", default=None, help="git revision whose needle stage is timed alongside"
     )
     args = parser.parse_args()
@@ -323,8 +343,21 @@ def main() -> None:
         f"model: {args.model}; {args.sequences} sequences per data set x {args.frames} frames; "
         f"mm at the nominal {DEFAULT_SPACING_MM} mm per pixel"
         + ("; shown as a curvilinear probe's sector" if args.sector else "")
+        + (
+            f"; needles bent in plane, radius >= {args.bend_radius_mm:g} mm"
+            if args.bend_radius_mm
+            else ""
+        )
     )
-    r = run(args.model, args.data, args.sequences, args.frames, args.seed, args.sector)
+    r = run(
+        args.model,
+        args.data,
+        args.sequences,
+        args.frames,
+        args.seed,
+        args.sector,
+        args.bend_radius_mm,
+    )
     print(f"frames {r['frames']}, tip truly visible in {r['tip_visible_frames']}\n")
     negatives = false_alarms(args.model, args.data)
     stages: dict[str, Callable[[], NeedleStage]] = {"current": NeedleStage}

@@ -380,6 +380,30 @@ def test_mask_threshold_is_half_coverage() -> None:
     assert cols.min() == 0 and cols.max() == 150  # the tip at x = 150 is a pixel centre
 
 
+@pytest.mark.parametrize("bend", [6.0, -6.0])
+def test_a_bent_shaft_is_drawn_on_its_parabola(bend: float) -> None:
+    flat = np.full((100, 200), 40, np.uint8)
+    straight = NeedlePose((-0.5, 50.0), (150.0, 50.0), 4.0)
+    bent = NeedlePose((-0.5, 50.0), (150.0, 50.0), 4.0, bend_px=bend)
+    a = render_needle(flat, straight, rng=np.random.default_rng(0), reverb=0.4, shadow=0.2)
+    b = render_needle(flat, bent, rng=np.random.default_rng(0), reverb=0.4, shadow=0.2)
+    # The mask's middle in each column follows 4 bend s (1 - s) from the chord, entry to tip.
+    for x in (10, 40, 75, 110, 140):
+        s = (x + 0.5) / 150.5
+        rows = np.flatnonzero(b.mask[:, x])
+        assert rows.mean() == pytest.approx(50.0 + 4.0 * bend * s * (1.0 - s), abs=0.6)
+        assert 4 <= len(rows) <= 5  # as wide as the straight shaft (4 px), at any sub-pixel
+    assert b.tip_xy == a.tip_xy and b.angle_deg == a.angle_deg  # the truth is the chord's
+    assert b.mask[50, 150] and b.mask[:, 151:].sum() == 0  # it still ends at the tip
+    # Its reverberations bend with it: below the shaft in every column, never above.
+    for x in (40, 75, 110):
+        top = np.flatnonzero(b.mask[:, x]).min()
+        assert (b.image[: top - 1, x] == 40).all()  # (the row above is the edge blur)
+        assert (b.image[np.flatnonzero(b.mask[:, x]).max() + 3 :, x] != 40).any()
+    with pytest.raises(ValueError, match="bend_px"):
+        NeedlePose((0.0, 0.0), (40.0, 0.0), 2.0, bend_px=20.0)
+
+
 # --- random poses -------------------------------------------------------------------------------
 
 
@@ -498,3 +522,32 @@ def test_sequence_is_deterministic_and_varied(speckle: np.ndarray) -> None:
     for t in truths:
         if not t.present:
             assert not t.mask.any()
+
+
+def test_sequence_bends_needles_only_when_asked(speckle: np.ndarray) -> None:
+    small = speckle[:240, :320]
+    phases = [("advance", 30)]
+
+    def run(radius: float | None) -> list:
+        return list(
+            needle_sequence(
+                small,
+                30,
+                np.random.default_rng(6),
+                spacing_mm=0.1,
+                phases=phases,
+                bend_radius_mm=radius,
+            )
+        )
+
+    straight, bent = run(None), run(50.0)
+    assert all(t.pose is not None and t.pose.bend_px == 0.0 for _, t in straight)
+    sagittas = []
+    for _, t in bent:
+        assert t.pose is not None and t.tip_xy == t.pose.tip_xy
+        length_mm = t.pose.length_px * 0.1
+        # The arc of one curvature per insertion, never tighter than the radius asked for.
+        assert abs(t.pose.bend_px) * 0.1 <= length_mm**2 / (8.0 * 50.0) + 1e-9
+        sagittas.append(t.pose.bend_px)
+    assert max(abs(b) for b in sagittas) > 0.2
+    assert len({math.copysign(1.0, b) for b in sagittas if b}) == 1  # one insertion bends one way

@@ -83,12 +83,17 @@ class NeedlePose:
         ``(K,)`` float, K >= 2, values in [0, 1], sampled evenly along the shaft from entry
         (first) to tip (last), linearly interpolated between samples: how much of the shaft lies
         within the beam's elevation thickness. None means fully in plane.
+    bend_px : float
+        In-plane bend: the shaft's centre line is a parabola through entry and tip whose middle
+        lies this far from the straight entry-tip chord, pixels, positive toward the deeper side.
+        Thin needles bend in tissue by up to a few millimetres; 0 draws a straight shaft.
     """
 
     entry_xy: tuple[float, float]
     tip_xy: tuple[float, float]
     width_px: float
     visibility: np.ndarray | None = None
+    bend_px: float = 0.0
 
     def __post_init__(self) -> None:
         entry = (float(self.entry_xy[0]), float(self.entry_xy[1]))
@@ -99,6 +104,10 @@ class NeedlePose:
             raise ValueError(f"width_px must be a positive number, got {self.width_px}")
         if math.hypot(tip[0] - entry[0], tip[1] - entry[1]) < 1e-6:
             raise ValueError("entry_xy and tip_xy coincide: a needle needs a length")
+        if not (math.isfinite(self.bend_px) and abs(self.bend_px) <= 0.25 * self.length_px):
+            raise ValueError(
+                f"bend_px must be finite and at most a quarter of the length, got {self.bend_px}"
+            )
         if self.visibility is not None:
             vis = np.array(self.visibility, dtype=np.float64).reshape(-1)
             if vis.size < 2 or not np.all(np.isfinite(vis)):
@@ -443,16 +452,26 @@ def render_needle(
     y_axis = ey + dx[0] * (ay / ax) if abs(ax) > 1e-6 else np.full(cols.size, ey, np.float32)
     y_lo, y_hi = min(ey, ty), max(ey, ty)
 
+    bend = pose.bend_px
+    # Vertical offset of the bent centre line from the chord, per column.
+    sag = _sagitta(dx[0] / ax, length, bend) / cos_a if abs(ax) > 1e-6 and bend else 0.0
+    bow = abs(bend) / cos_a
+
     def band(offset: float, half_perp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows ``(n, C)`` around the shaft shifted ``offset`` px down; u, v in that copy."""
+        """Rows ``(n, C)`` around the shaft shifted ``offset`` px down; u, v in that copy (v from
+        the bent centre line)."""
         hv = half_perp / cos_a + 1.0
-        lo = math.floor(y_lo + offset - half_perp - 3.0)  # 3: the widest axial end ramp
-        hi = math.ceil(y_hi + offset + half_perp + 3.0)
+        lo = math.floor(y_lo - bow + offset - half_perp - 3.0)  # 3: the widest axial end ramp
+        hi = math.ceil(y_hi + bow + offset + half_perp + 3.0)
         n = min(math.ceil(2.0 * hv) + 2, hi - lo + 1)
-        top = np.clip(np.floor(y_axis + offset - hv), lo, hi - n + 1).astype(np.int64)
+        top = np.clip(np.floor(y_axis + sag + offset - hv), lo, hi - n + 1).astype(np.int64)
         rows = top[None, :] + np.arange(n)[:, None]
         dy = (rows - (ey + offset)).astype(np.float32)
-        return rows, dx * ax + dy * ay, dx * nx + dy * ny
+        u = dx * ax + dy * ay
+        v = dx * nx + dy * ny
+        if bend:
+            v -= _sagitta(u, length, bend)
+        return rows, u, v
 
     # Shaft and bevel.
     rows, u, v = band(0.0, half_max + 0.5 * ramp_perp)
@@ -499,7 +518,7 @@ def render_needle(
     # Per-column shadow (tissue under the visible shaft, cast straight down the beam).
     bg = grey[r0:, c0 : c1 + 1].astype(np.float32)
     if shadow > 0 and abs(ax) > 0.05:
-        onset = y_axis + (half_max + ramp_perp) / cos_a  # below every drawn shaft pixel
+        onset = y_axis + sag + (half_max + ramp_perp) / cos_a  # below every drawn shaft pixel
         rows_f = np.arange(r0, height, dtype=np.float32)[:, None]
         ramp = np.clip((rows_f - onset[None, :]) / 3.0, 0.0, 1.0)
         # Soft lateral edges: the beam is ~1 mm wide, so the shadow does not end on a column.
@@ -513,6 +532,12 @@ def render_needle(
     if region is not None:
         _keep_inside(out, mask, grey, _region(grey.shape, region))
     return result
+
+
+def _sagitta(u: np.ndarray, length: float, bend: float) -> np.ndarray:
+    """Offset of a bent shaft's centre line from its chord at distance ``u`` along the chord."""
+    s = np.clip(u / length, 0.0, 1.0)
+    return (4.0 * bend) * s * (1.0 - s)
 
 
 def _keep_inside(out: np.ndarray, mask: np.ndarray, grey: np.ndarray, box: tuple[int, ...]) -> None:
@@ -747,6 +772,7 @@ def needle_sequence(
     probe_motion: bool = True,
     angle_range_deg: tuple[float, float] = (10.0, 60.0),
     area: np.ndarray | None = None,
+    bend_radius_mm: float | None = None,
 ) -> Iterator[tuple[np.ndarray, NeedleTruth]]:
     """A moving needle on a real frame, with simulated probe motion, frame by frame.
 
@@ -782,6 +808,12 @@ def needle_sequence(
         Range of the insertion angle, degrees.
     area : ndarray or None
         ``(H, W)`` bool tissue area for :func:`random_pose` (a sector's fan).
+    bend_radius_mm : float or None
+        Smallest radius of the shaft's in-plane bend, mm. Each insertion bends one way with a
+        curvature drawn uniformly from straight to ``1 / bend_radius_mm``, so its sagitta grows
+        with the inserted length (``L**2 / (8 R)``: 1 mm for 40 mm at R = 200 mm). None draws
+        straight needles and draws nothing more from ``rng`` (the same seed gives the same
+        sequence as before bends existed).
 
     Yields
     ------
@@ -831,7 +863,7 @@ def needle_sequence(
     min_len = max(6.0, 3.0 / spacing)
     base: NeedlePose | None = None
     length = 0.0
-    adv_speed = wd_speed = 0.0
+    adv_speed = wd_speed = curvature = 0.0
     previous: PhaseKind = "absent"
     ry0, ry1, rx0, rx1 = y0, y1 + 1, x0, x1 + 1
     for i, kind in enumerate(per_frame):
@@ -858,6 +890,8 @@ def needle_sequence(
             length = min(min_len + rng.uniform(0, 3.0 / spacing), base.length_px)
             adv_speed = rng.uniform(1.5, 6.0) / spacing / fps
             wd_speed = rng.uniform(2.0, 8.0) / spacing / fps
+            if bend_radius_mm is not None:
+                curvature = rng.uniform(0.0, 1.0 / bend_radius_mm) * rng.choice((-1.0, 1.0))
         if kind == "advance":
             length += adv_speed
         elif kind == "withdraw":
@@ -881,8 +915,14 @@ def needle_sequence(
         # The random pose's length is the planned depth: the needle never goes past it.
         length = float(np.clip(length, min(min_len, far), min(far, base.length_px)))
         elev = elev_a[i] + elev_b[i] * s_grid
+        # Sagitta of a circular arc of this curvature over the chord, pixels.
+        bend = curvature * (length * spacing) ** 2 / 8.0 / spacing
         pose = NeedlePose(
-            (ex, ey), (ex + length * dx, ey + length * dy), base.width_px, np.exp(-0.5 * elev**2)
+            (ex, ey),
+            (ex + length * dx, ey + length * dy),
+            base.width_px,
+            np.exp(-0.5 * elev**2),
+            float(np.clip(bend, -0.25 * length, 0.25 * length)),
         )
         # Shadow and reverberations stop at the imaging region; the interface around it stays.
         drawn = render_needle(
