@@ -66,6 +66,13 @@ _SHAFT_HALF_WIDTH_MM = 1.0
 # A re-centring of the shaft's axis that moves it less than this anywhere along the band has
 # converged (the tip is located to about a pixel).
 _AXIS_SETTLED_PX = 0.1
+# A thin needle bends in tissue. Its centre line is followed as a parabola fitted on at least
+# _MIN_BEND_SPAN_MM of shaft, when the parabola's sagitta from where the shaft enters the image
+# to its visible end exceeds _MIN_BEND_MM (below that a straight axis misses the tip by under
+# 0.15 mm); more than _MAX_BEND_MM is not a needle's bend, and the straight axis is kept.
+_MIN_BEND_MM = 0.2
+_MAX_BEND_MM = 3.0
+_MIN_BEND_SPAN_MM = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,19 +494,22 @@ class NeedleDetector:
         s: np.ndarray,
         half: int,
         interpolation: int = cv2.INTER_LINEAR,
+        bend: np.ndarray | None = None,
     ) -> np.ndarray:
         """Grey levels on a band along the axis: ``(len(s), 2*half+1)``, rows along the shaft,
-        columns across it (negative is above the shaft)."""
+        columns across it (negative is above the shaft). ``bend``, per ``s``, shifts each
+        cross-section's middle that far down the normal: the band follows a bent shaft."""
         normal = _down_normal(direction)
         # The maps in float32 from the start (remap's type): several bands are sampled a frame.
         along = s.astype(np.float32)
         across = np.arange(-half, half + 1, dtype=np.float32)
-        xs = np.add.outer(
-            along * np.float32(direction[0]) + np.float32(centre[0]), across * np.float32(normal[0])
-        )
-        ys = np.add.outer(
-            along * np.float32(direction[1]) + np.float32(centre[1]), across * np.float32(normal[1])
-        )
+        x_mid = along * np.float32(direction[0]) + np.float32(centre[0])
+        y_mid = along * np.float32(direction[1]) + np.float32(centre[1])
+        if bend is not None:
+            x_mid += bend.astype(np.float32) * np.float32(normal[0])
+            y_mid += bend.astype(np.float32) * np.float32(normal[1])
+        xs = np.add.outer(x_mid, across * np.float32(normal[0]))
+        ys = np.add.outer(y_mid, across * np.float32(normal[1]))
         band = cv2.remap(
             image,
             xs,
@@ -509,6 +519,72 @@ class NeedleDetector:
             borderValue=0,
         )
         return band.astype(np.float32)
+
+    def _follow_bend(
+        self,
+        grey: np.ndarray,
+        model_mask: np.ndarray | None,
+        centre: np.ndarray,
+        direction: np.ndarray,
+        s: np.ndarray,
+        extent: tuple[float, float],
+        band: np.ndarray,
+        background: np.ndarray,
+        half: int,
+        reach: int,
+        mm_per_px: float,
+    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, tuple[float, float]]:
+        """The shaft's centre line as a parabola about the straight axis, when the shaft bends.
+
+        Returns the centre line's offset down the normal per ``s`` (None when the shaft is
+        straight, or bends more than a needle does), the band and background sampled along it,
+        and the extent of the model's needle pixels along it: a bent shaft leaves the
+        straight line that the candidates were gathered on, tip first.
+        """
+        i0 = int(np.searchsorted(s, extent[0]))
+        i1 = int(np.searchsorted(s, extent[1], side="right"))
+        straight = band, background, extent
+        bend: np.ndarray | None = None
+        for _ in range(3):
+            offsets, strength = _shaft_centre(
+                band, background, s, slice(i0, i1), centre, direction, grey.shape, reach,
+                _middle_offsets, bend,
+            )  # fmt: skip
+            use = strength > 0.25 * strength.max() if len(strength) else strength > 0
+            if use.sum() < 8:
+                break
+            t = s[i0:i1][use]
+            if (t[-1] - t[0]) * mm_per_px < _MIN_BEND_SPAN_MM:
+                break
+            y = offsets[use] if bend is None else offsets[use] + bend[i0:i1][use]
+            c = _robust_parabola(t, y, np.sqrt(strength[use]))
+            # The bend of the whole shaft, from where the axis enters the image to the end of
+            # the part that shows it (the shaft between bends the same way).
+            sagitta = abs(c[0]) * (t[-1] - s[0]) ** 2 / 4.0 * mm_per_px
+            if not _MIN_BEND_MM <= sagitta <= _MAX_BEND_MM:
+                bend = None  # straight after all, or curved as no needle is
+                break
+            new = _parabola_on(c, s, float(s[0]), float(t[-1]))
+            settled = bend is not None and float(np.abs(new - bend).max()) < _AXIS_SETTLED_PX
+            bend = new
+            band = self._profile(grey, centre, direction, s, half, bend=bend)
+            background = _background(band, half)
+            if model_mask is not None:
+                # The model's needle pixels along the bent line, joined across gaps of 1 mm.
+                across = self._profile(
+                    model_mask, centre, direction, s, reach, cv2.INTER_NEAREST, bend
+                )
+                on = (across == NEEDLE).any(1)
+                runs = _runs(on, max(2, round(1.0 / mm_per_px)))
+                if runs:
+                    a, b = max(runs, key=lambda r: min(r[1], i1) - max(r[0], i0))
+                    if min(b, i1) > max(a, i0):
+                        i0, i1 = min(i0, a), max(i1, b)
+            if settled:
+                break
+        if bend is None:
+            return None, *straight
+        return bend, band, background, (min(extent[0], s[i0]), max(extent[1], s[i1 - 1]))
 
     def _measure(
         self,
@@ -536,10 +612,7 @@ class NeedleDetector:
             if len(s) < 8:
                 return None
             band = self._profile(grey, centre, direction, s, half)
-            # Tissue just above the shaft, but never brighter than its median along the axis:
-            # where the shaft passes just under a bright fascia band, the band is not background.
-            background = band[:, : max(2, half // 3)].mean(1)
-            np.minimum(background, float(np.median(background)), out=background)
+            background = _background(band, half)
             if step == 3:
                 break
             # Re-centre the axis on the shaft: the middle of the shaft's cross-sections, fitted
@@ -571,6 +644,13 @@ class NeedleDetector:
             direction /= math.hypot(direction[0], direction[1])
             if direction[1] < 0:
                 direction = -direction
+
+        bend = None
+        if from_model:  # a bend is followed on the shaft the model marks, not on ridges alone
+            bend, band, background, extent = self._follow_bend(
+                grey, model_mask, centre, direction, s, extent, band, background, half, reach,
+                mm_per_px,
+            )  # fmt: skip
 
         # How far the shaft lifts the tissue toward white: a bright shaft over bright tissue adds
         # fewer grey levels than over dark tissue, but the same fraction of the way to 255.
@@ -610,7 +690,10 @@ class NeedleDetector:
             grey.shape,
             reach,
             _centroid_offsets,
+            bend,
         )
+        if bend is not None:
+            offsets += bend[start:stop]  # straightness is measured from the straight axis
         on_shaft = strength > 0
         wander = float(np.sqrt(np.mean(offsets[on_shaft] ** 2))) if on_shaft.any() else 0.0
         # Tip: the half-maximum of the shaft's end (bevel included), crossed going outward.
@@ -660,7 +743,13 @@ class NeedleDetector:
             # Labels sampled on the band only: no region-sized temporary per frame.
             across = (
                 self._profile(
-                    model_mask, centre, direction, s[start : last + 1], reach, cv2.INTER_NEAREST
+                    model_mask,
+                    centre,
+                    direction,
+                    s[start : last + 1],
+                    reach,
+                    cv2.INTER_NEAREST,
+                    None if bend is None else bend[start : last + 1],
                 )
                 == NEEDLE
             ).sum(1)
@@ -670,9 +759,13 @@ class NeedleDetector:
             if model_width > cfg.max_width_mm:
                 return None  # wider than any needle: a blob the model mistook
         x0, y0 = frame.region.bbox[:2]
-        tip = (centre[0] + s_tip * direction[0] + x0, centre[1] + s_tip * direction[1] + y0)
+        tip = centre + s_tip * direction + (x0, y0)
+        if bend is not None:
+            tip += float(np.interp(s_tip, s, bend)) * _down_normal(direction)
         # Entry: where the axis, followed back up the image, meets the region's edge.
-        entry = (centre[0] + s[0] * direction[0] + x0, centre[1] + s[0] * direction[1] + y0)
+        entry = centre + s[0] * direction + (x0, y0)
+        if bend is not None:
+            entry += bend[0] * _down_normal(direction)
         spacing = _frame_spacing(frame)
         dx, dy = abs(direction[0]), abs(direction[1])
         if spacing:
@@ -741,6 +834,36 @@ def detection_confidence(weights: tuple[float, ...], features: np.ndarray) -> fl
     return e / (1.0 + e)
 
 
+def _background(band: np.ndarray, half: int) -> np.ndarray:
+    """Per cross-section, the tissue just above the shaft, but never brighter than its median
+    along the axis: where the shaft passes just under a bright fascia band, the band is not
+    background."""
+    background = band[:, : max(2, half // 3)].mean(1)
+    np.minimum(background, float(np.median(background)), out=background)
+    return background
+
+
+def _robust_parabola(t: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted least-squares parabola ``y = c[0] t**2 + c[1] t + c[2]``, refitted without the
+    points far from the first fit (as :func:`_robust_line`)."""
+    design = np.stack([t * t, t, np.ones_like(t)], axis=1)
+    c = np.linalg.lstsq(design * w[:, None], y * w, rcond=None)[0]
+    residual = np.abs(y - design @ c)
+    keep = residual <= max(1.0, 2.5 * 1.4826 * float(np.median(residual)))
+    if 6 <= keep.sum() < len(t):
+        c = np.linalg.lstsq(design[keep] * w[keep, None], y[keep] * w[keep], rcond=None)[0]
+    return c
+
+
+def _parabola_on(c: np.ndarray, s: np.ndarray, t0: float, t1: float) -> np.ndarray:
+    """The parabola ``c`` at ``s`` between ``t0`` and ``t1``, and its tangents beyond them: a
+    needle's bend is not extrapolated past the shaft that shows it."""
+    t = np.clip(s, t0, t1)
+    value = (c[0] * t + c[1]) * t + c[2]
+    slope = 2.0 * c[0] * t + c[1]
+    return value + slope * (s - t)
+
+
 def _robust_line(t: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
     """Weighted least-squares line y = a t + b, refitted without the points far from the first
     fit (a bright band crossing the shaft pulls a few centres off the axis)."""
@@ -789,27 +912,35 @@ def _shaft_centre(
     shape: tuple[int, ...],
     reach: int,
     offsets_of: Callable[..., tuple[np.ndarray, np.ndarray]],
+    bend: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``offsets_of`` (:func:`_middle_offsets` or :func:`_centroid_offsets`) on the
-    cross-sections ``rows`` of a band sampled along ``centre + s * direction`` in an image of
-    ``shape``."""
+    cross-sections ``rows`` of a band sampled along ``centre + s * direction`` (shifted by
+    ``bend`` down the normal, when given) in an image of ``shape``."""
     half = band.shape[1] // 2
-    within = _within_across(centre, direction, s[rows], shape[1], shape[0], reach)
+    shift = None if bend is None else bend[rows]
+    within = _within_across(centre, direction, s[rows], shape[1], shape[0], reach, shift)
     return offsets_of(band[rows], background[rows], half, reach, within)
 
 
 def _within_across(
-    c: np.ndarray, d: np.ndarray, s: np.ndarray, width: int, height: int, reach: int
+    c: np.ndarray,
+    d: np.ndarray,
+    s: np.ndarray,
+    width: int,
+    height: int,
+    reach: int,
+    bend: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per position ``s`` on the axis, how far (px, at most ``reach``) the cross-section stays
-    inside the image on both sides of the axis."""
+    """Per position ``s`` on the axis (shifted by ``bend`` down the normal), how far (px, at
+    most ``reach``) the cross-section stays inside the image on both sides of its middle."""
     normal = _down_normal(d)
     lo = np.full(s.shape, -float(reach))
     hi = np.full(s.shape, float(reach))
     for p0, v, n, limit in ((c[0], d[0], normal[0], width), (c[1], d[1], normal[1], height)):
         if abs(n) < 1e-9:
             continue
-        p = p0 + s * v
+        p = p0 + s * v if bend is None else p0 + s * v + bend * n
         a, b = (-0.5 - p) / n, (limit - 0.5 - p) / n
         np.maximum(lo, np.minimum(a, b), out=lo)
         np.minimum(hi, np.maximum(a, b), out=hi)
