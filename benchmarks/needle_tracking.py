@@ -261,9 +261,9 @@ def _angle_bin(angle_deg: float) -> str:
     return next(reversed(ANGLE_BINS))
 
 
-def baseline_stage(rev: str) -> Callable[[], NeedleStage]:
-    """``NeedleStage`` of ``usguide/needle.py`` as of git revision ``rev``, loaded beside the
-    current one, for timing both in one run."""
+def needle_module_at(rev: str) -> types.ModuleType:
+    """``usguide/needle.py`` as of git revision ``rev``, loaded beside the current one, for
+    measuring both in one run."""
     repo = Path(__file__).resolve().parents[1]
     source = subprocess.run(
         ["git", "show", f"{rev}:usguide/needle.py"],
@@ -272,7 +272,12 @@ def baseline_stage(rev: str) -> Callable[[], NeedleStage]:
     module = types.ModuleType(f"needle_at_{rev}")
     sys.modules[module.__name__] = module  # dataclasses look their module up
     exec(compile(source, f"{rev}:usguide/needle.py", "exec"), module.__dict__)
-    return module.NeedleStage
+    return module
+
+
+def baseline_stage(rev: str) -> Callable[[], NeedleStage]:
+    """``NeedleStage`` as of git revision ``rev``."""
+    return needle_module_at(rev).NeedleStage
 
 
 def cost(

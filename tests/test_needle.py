@@ -411,6 +411,25 @@ def test_model_pixels_far_along_the_shaft_line_do_not_carry_the_tip_there(scan):
     assert tip_error_mm(found, tip) < 1.0
 
 
+def test_a_shaft_running_on_past_the_model_s_needle_hides_the_tip(scan):
+    # On a long shaft over bright tissue the model may stop marking needle millimetres short of
+    # the tip. The shaft, as bright, runs on in the image: the tip is not where the model's
+    # pixels end, and may lie anywhere along the rest, so no tip is reported (the needle is).
+    image, box = scan
+    drawn, labels, along = needle_with_labels(image, box, 20.0, 0.2, 320.0, seed=4)
+    whole = NeedleStage().detector(frame_of(drawn.image, 0, box), labels)
+    assert whole is not None and whole.confidence >= 0.7
+    assert tip_error_mm(whole, along(320.0)) < 0.5
+    x_cut = along(220.0)[0]  # the model's needle ends 10 mm before the tip
+    labels[:, math.ceil(x_cut) :] = 0
+    short = NeedleStage().detector(frame_of(drawn.image, 0, box), labels)
+    assert short is not None and short.shaft_confidence >= 0.7
+    assert short.confidence == 0.0
+    stage = NeedleStage()
+    states = [stage(frame_of(drawn.image, i, box), labels) for i in range(4)]
+    assert all(s.shaft_visible and not s.visible and s.tip_xy is None for s in states)
+
+
 def test_visible_length_ends_at_the_tip(scan):
     # A bright line the model marks as needle only near the region's edge (a real lung video's
     # skin line at a fan's corner): the tip stays near the model's pixels, and the visible

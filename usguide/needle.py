@@ -73,6 +73,11 @@ _AXIS_SETTLED_PX = 0.1
 _MIN_BEND_MM = 0.2
 _MAX_BEND_MM = 3.0
 _MIN_BEND_SPAN_MM = 10.0
+# Where the image's shaft runs on this far past the model's needle pixels, at least this part of
+# the shaft's level, the tip is not known: the model often stops short of the tip of a long shaft
+# over bright tissue, and bright tissue in line runs on beyond a true tip just as well.
+_RUN_PAST_MODEL_MM = 2.0
+_RUN_ON_LEVEL = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +204,8 @@ class NeedleDetection:
         Mean width of the model's needle pixels across the shaft, mm (at the nominal spacing
         when uncalibrated).
     wander_px : float
-        RMS distance of the shaft's centre line from the fitted axis, pixels (a needle is
-        straight).
+        RMS distance of the shaft's centre line from the fitted axis, pixels: a needle is
+        straight, or bends smoothly (the axis is then the fitted parabola), and fascia waves.
     entry_gap_px : float
         Distance along the axis from where the image begins (the region's edge, or the first
         non-black pixel of a sector image) to where the visible shaft begins, pixels. A needle
@@ -209,7 +214,8 @@ class NeedleDetection:
     tip_in_plane : bool
         The shaft ends in a tip, not by fading out of the imaging plane.
     confidence : float
-        0 to 1: how likely ``tip_xy`` is the needle's tip (within 1 mm).
+        0 to 1: how likely ``tip_xy`` is the needle's tip (within 1 mm); 0 where the shaft runs
+        on in the image, as bright, past the model's needle pixels (the tip is not known).
     shaft_confidence : float
         0 to 1: how likely the line is a needle's shaft, whether or not its tip is in plane
         (the needle-present answer; a shaft fading out of plane has a low ``confidence``).
@@ -543,7 +549,13 @@ class NeedleDetector:
         """
         i0 = int(np.searchsorted(s, extent[0]))
         i1 = int(np.searchsorted(s, extent[1], side="right"))
-        straight = band, background, extent
+        if model_mask is not None:
+            i0, i1 = self._model_run(
+                model_mask, centre, direction, s, reach, None, i0, i1, mm_per_px
+            )
+        straight = band, background, (min(extent[0], s[i0]), max(extent[1], s[i1 - 1]))
+        if (s[i1 - 1] - s[i0]) * mm_per_px < _MIN_BEND_SPAN_MM:
+            return None, *straight  # too short a shaft to measure a bend on
         bend: np.ndarray | None = None
         for _ in range(3):
             offsets, strength = _shaft_centre(
@@ -570,21 +582,37 @@ class NeedleDetector:
             band = self._profile(grey, centre, direction, s, half, bend=bend)
             background = _background(band, half)
             if model_mask is not None:
-                # The model's needle pixels along the bent line, joined across gaps of 1 mm.
-                across = self._profile(
-                    model_mask, centre, direction, s, reach, cv2.INTER_NEAREST, bend
+                i0, i1 = self._model_run(
+                    model_mask, centre, direction, s, reach, bend, i0, i1, mm_per_px
                 )
-                on = (across == NEEDLE).any(1)
-                runs = _runs(on, max(2, round(1.0 / mm_per_px)))
-                if runs:
-                    a, b = max(runs, key=lambda r: min(r[1], i1) - max(r[0], i0))
-                    if min(b, i1) > max(a, i0):
-                        i0, i1 = min(i0, a), max(i1, b)
             if settled:
                 break
         if bend is None:
             return None, *straight
         return bend, band, background, (min(extent[0], s[i0]), max(extent[1], s[i1 - 1]))
+
+    def _model_run(
+        self,
+        model_mask: np.ndarray,
+        centre: np.ndarray,
+        direction: np.ndarray,
+        s: np.ndarray,
+        reach: int,
+        bend: np.ndarray | None,
+        i0: int,
+        i1: int,
+        mm_per_px: float,
+    ) -> tuple[int, int]:
+        """``[i0, i1)`` grown to the run of the model's needle pixels along the (bent) axis that
+        overlaps it, joined across gaps of 1 mm: the candidates were gathered along a straight
+        line, which a bent shaft leaves, tip first."""
+        across = self._profile(model_mask, centre, direction, s, reach, cv2.INTER_NEAREST, bend)
+        runs = _runs((across == NEEDLE).any(1), max(2, round(1.0 / mm_per_px)))
+        if runs:
+            a, b = max(runs, key=lambda r: min(r[1], i1) - max(r[0], i0))
+            if min(b, i1) > max(a, i0):
+                return min(i0, a), max(i1, b)
+        return i0, i1
 
     def _measure(
         self,
@@ -679,7 +707,8 @@ class NeedleDetector:
         if (profile[start:stop] >= cfg.run_fraction * level).sum() * mm_per_px < cfg.min_length_mm:
             return None
         contrast = float(np.percentile(profile[start:stop], 75))
-        # A needle is straight: its centre line stays on the fitted axis (fascia curves away).
+        # A needle is straight or bends smoothly: its centre line stays on the fitted axis
+        # (fascia waves about it).
         offsets, strength = _shaft_centre(
             band,
             background,
@@ -692,8 +721,6 @@ class NeedleDetector:
             _centroid_offsets,
             bend,
         )
-        if bend is not None:
-            offsets += bend[start:stop]  # straightness is measured from the straight axis
         on_shaft = strength > 0
         wander = float(np.sqrt(np.mean(offsets[on_shaft] ** 2))) if on_shaft.any() else 0.0
         # Tip: the half-maximum of the shaft's end (bevel included), crossed going outward.
@@ -704,26 +731,15 @@ class NeedleDetector:
         if from_model:
             reach_mm = cfg.beyond_model_mm
             limit = int(np.searchsorted(s, extent[1] + reach_mm / mm_per_px, side="right")) - 1
-        last = max(start, min(stop - 1, limit))
-        # The tip is the steepest fall of the profile near the end of the shaft: a bright band
-        # in line beyond the tip (which the model may label too) ends with a smaller fall.
-        fall_px = max(1, round(0.3 / mm_per_px))
-        lo = max(start, last - round(3.0 / mm_per_px))
-        hi = min(limit, len(s) - 1 - fall_px)
-        if hi > lo:
-            fall = profile[lo : hi + 1] - profile[lo + fall_px : hi + 1 + fall_px]
-            last = lo + int(np.argmax(fall))
-        local = float(profile[max(start, last - bevel + 1) : last + 1].max())
-        half_level = 0.5 * local
-        while last + 1 <= limit and profile[last + 1] >= half_level:
-            last += 1
-        while last > start and profile[last] < half_level:
-            last -= 1
-        s_tip = s[last]
-        if last + 1 < len(s):
-            a, b = profile[last], profile[last + 1]
-            if a > b:
-                s_tip += float(np.clip((a - half_level) / (a - b), 0.0, 1.0))
+        last, s_tip = _shaft_end(profile, s, start, stop, limit, bevel, mm_per_px)
+        # The shaft runs on in the image, as bright, well past the model's needle pixels: the
+        # tip may lie anywhere along it (see _RUN_PAST_MODEL_MM), so it is not reported.
+        past = round(_RUN_PAST_MODEL_MM / mm_per_px)
+        runs_on = (
+            limit < len(s) - 1
+            and stop - 1 - last >= past
+            and float(np.median(profile[last + 1 : last + 1 + past])) >= _RUN_ON_LEVEL * level
+        )
         # The visible shaft ends at the tip: bright tissue in line beyond it is not shaft.
         length_px = float((profile[start : last + 1] >= cfg.run_fraction * level).sum())
         if length_px * mm_per_px < cfg.min_length_mm:
@@ -783,7 +799,7 @@ class NeedleDetector:
             wander * mm_per_px,
             entry_gap * mm_per_px,
         )
-        confidence = detection_confidence(cfg.confidence_weights, features)
+        confidence = 0.0 if runs_on else detection_confidence(cfg.confidence_weights, features)
         shaft_confidence = detection_confidence(cfg.shaft_confidence_weights, features)
         return NeedleDetection(
             tip_xy=(float(tip[0]), float(tip[1])),
@@ -832,6 +848,42 @@ def detection_confidence(weights: tuple[float, ...], features: np.ndarray) -> fl
         return 1.0 / (1.0 + math.exp(-z))
     e = math.exp(z)
     return e / (1.0 + e)
+
+
+def _shaft_end(
+    profile: np.ndarray,
+    s: np.ndarray,
+    start: int,
+    stop: int,
+    limit: int,
+    bevel: int,
+    mm_per_px: float,
+) -> tuple[int, float]:
+    """Index of the last shaft sample and the tip's position along the axis: the half-maximum of
+    the shaft's end (bevel included), crossed going outward, at most to ``limit``.
+
+    The end is the steepest fall of the profile within 3 mm before the run ``[start, stop)``
+    ends (or ``limit``): a bright band in line beyond the tip (which the model may label too)
+    ends with a smaller fall."""
+    last = max(start, min(stop - 1, limit))
+    fall_px = max(1, round(0.3 / mm_per_px))
+    lo = max(start, last - round(3.0 / mm_per_px))
+    hi = min(limit, len(s) - 1 - fall_px)
+    if hi > lo:
+        fall = profile[lo : hi + 1] - profile[lo + fall_px : hi + 1 + fall_px]
+        last = lo + int(np.argmax(fall))
+    local = float(profile[max(start, last - bevel + 1) : last + 1].max())
+    half_level = 0.5 * local
+    while last + 1 <= limit and profile[last + 1] >= half_level:
+        last += 1
+    while last > start and profile[last] < half_level:
+        last -= 1
+    s_tip = float(s[last])
+    if last + 1 < len(s):
+        a, b = profile[last], profile[last + 1]
+        if a > b:
+            s_tip += float(np.clip((a - half_level) / (a - b), 0.0, 1.0))
+    return last, s_tip
 
 
 def _background(band: np.ndarray, half: int) -> np.ndarray:
