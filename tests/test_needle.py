@@ -430,6 +430,22 @@ def test_a_shaft_running_on_past_the_model_s_needle_hides_the_tip(scan):
     assert all(s.shaft_visible and not s.visible and s.tip_xy is None for s in states)
 
 
+def test_bright_tissue_just_beyond_a_true_tip_keeps_the_tip(scan):
+    # A nerve or fascia in line just beyond the tip (the moment that matters most): the shaft's
+    # profile falls at the tip before the tissue begins, so the tip is known and reported.
+    image, box = scan
+    drawn, labels, along = needle_with_labels(image, box, 20.0, 0.2, 200.0, seed=4)
+    picture = drawn.image.copy()
+
+    def px(t: float) -> tuple[int, int]:
+        return round(along(t)[0]), round(along(t)[1])
+
+    cv2.line(picture, px(210.0), px(300.0), (215, 215, 215), thickness=6)
+    found = NeedleStage().detector(frame_of(picture, 0, box), labels)
+    assert found is not None and found.confidence >= 0.7
+    assert tip_error_mm(found, along(200.0)) < 0.5
+
+
 def test_visible_length_ends_at_the_tip(scan):
     # A bright line the model marks as needle only near the region's edge (a real lung video's
     # skin line at a fan's corner): the tip stays near the model's pixels, and the visible

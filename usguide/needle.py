@@ -73,9 +73,10 @@ _AXIS_SETTLED_PX = 0.1
 _MIN_BEND_MM = 0.2
 _MAX_BEND_MM = 3.0
 _MIN_BEND_SPAN_MM = 10.0
-# Where the image's shaft runs on this far past the model's needle pixels, at least this part of
-# the shaft's level, the tip is not known: the model often stops short of the tip of a long shaft
-# over bright tissue, and bright tissue in line runs on beyond a true tip just as well.
+# Where the search for the tip reaches the end of the model's needle pixels with no fall in the
+# profile, and the image's shaft runs on this far past them, at least this part of the shaft's
+# level, the tip is not known: the model often stops short of the tip of a long shaft over bright
+# tissue. (A true tip falls to half its level before bright tissue in line beyond it begins.)
 _RUN_PAST_MODEL_MM = 2.0
 _RUN_ON_LEVEL = 0.5
 
@@ -731,12 +732,13 @@ class NeedleDetector:
         if from_model:
             reach_mm = cfg.beyond_model_mm
             limit = int(np.searchsorted(s, extent[1] + reach_mm / mm_per_px, side="right")) - 1
-        last, s_tip = _shaft_end(profile, s, start, stop, limit, bevel, mm_per_px)
-        # The shaft runs on in the image, as bright, well past the model's needle pixels: the
+        last, s_tip, cut = _shaft_end(profile, s, start, stop, limit, bevel, mm_per_px)
+        # The search for the shaft's end stopped at the model's needle pixels with no fall in
+        # the profile there, and the shaft runs on in the image, as bright, well past them: the
         # tip may lie anywhere along it (see _RUN_PAST_MODEL_MM), so it is not reported.
         past = round(_RUN_PAST_MODEL_MM / mm_per_px)
         runs_on = (
-            limit < len(s) - 1
+            cut
             and stop - 1 - last >= past
             and float(np.median(profile[last + 1 : last + 1 + past])) >= _RUN_ON_LEVEL * level
         )
@@ -858,9 +860,10 @@ def _shaft_end(
     limit: int,
     bevel: int,
     mm_per_px: float,
-) -> tuple[int, float]:
-    """Index of the last shaft sample and the tip's position along the axis: the half-maximum of
-    the shaft's end (bevel included), crossed going outward, at most to ``limit``.
+) -> tuple[int, float, bool]:
+    """Index of the last shaft sample, the tip's position along the axis: the half-maximum of
+    the shaft's end (bevel included), crossed going outward, at most to ``limit``; and whether
+    ``limit`` cut the search short (the profile had not fallen to the half-maximum there).
 
     The end is the steepest fall of the profile within 3 mm before the run ``[start, stop)``
     ends (or ``limit``): a bright band in line beyond the tip (which the model may label too)
@@ -883,7 +886,8 @@ def _shaft_end(
         a, b = profile[last], profile[last + 1]
         if a > b:
             s_tip += float(np.clip((a - half_level) / (a - b), 0.0, 1.0))
-    return last, s_tip
+    cut = last == limit and last + 1 < len(s) and profile[last + 1] >= half_level
+    return last, s_tip, bool(cut)
 
 
 def _background(band: np.ndarray, half: int) -> np.ndarray:
