@@ -550,6 +550,8 @@ class NeedleDetector:
         """
         i0 = int(np.searchsorted(s, extent[0]))
         i1 = int(np.searchsorted(s, extent[1], side="right"))
+        if i1 - i0 < 2:
+            return None, band, background, extent  # the candidates lie off the sampled axis
         if model_mask is not None:
             i0, i1 = self._model_run(
                 model_mask, centre, direction, s, reach, None, i0, i1, mm_per_px
