@@ -33,6 +33,7 @@ from needle_tracking import needle_module_at
 from usguide.data.datasets import DlTrackApo, UsgraSeg, split
 from usguide.data.needle_render import (
     DEFAULT_SPACING_MM,
+    arc_bend_px,
     random_appearance,
     random_pose,
     render_needle,
@@ -81,14 +82,13 @@ def main() -> None:
                 look = random_appearance(rng)
                 side = float(rng.choice((-1.0, 1.0)))
                 texture = int(rng.integers(1 << 31))
-                chord_mm = pose.length_px * DEFAULT_SPACING_MM
                 for radius in radii:
-                    sagitta_mm = chord_mm**2 / (8.0 * radius) if radius > 0 else 0.0
-                    bend_px = min(sagitta_mm / DEFAULT_SPACING_MM, 0.25 * pose.length_px)
-                    sagittas[radius].append(bend_px * DEFAULT_SPACING_MM)
+                    curvature = side / radius if radius > 0 else 0.0
+                    bend_px = arc_bend_px(pose.length_px, curvature, DEFAULT_SPACING_MM)
+                    sagittas[radius].append(abs(bend_px) * DEFAULT_SPACING_MM)
                     drawn = render_needle(
                         grey,
-                        replace(pose, bend_px=side * bend_px),
+                        replace(pose, bend_px=bend_px),
                         rng=np.random.default_rng(texture),
                         region=box,
                         **look,
@@ -96,6 +96,7 @@ def main() -> None:
                     frame = Frame(drawn.image, 0, 0.0, None, region, "bend")
                     labels = segmenter(frame).copy()
                     for name, detector in detectors.items():
+                        detector.reset()  # each frame's RANSAC draws, whatever ran before
                         found = detector(frame, labels)
                         least = detector.config.min_confidence
                         if found is None or found.shaft_confidence < least:

@@ -534,6 +534,15 @@ def render_needle(
     return result
 
 
+def arc_bend_px(length_px: float, curvature_per_mm: float, spacing_mm: SpacingArg = None) -> float:
+    """:attr:`NeedlePose.bend_px` of a shaft of ``length_px`` along a circle of signed curvature
+    ``curvature_per_mm`` (1 / radius): the arc's sagitta over its chord, ``L**2 / (8 R)``, at
+    most a quarter of the length."""
+    spacing = _spacing(spacing_mm)
+    bend = curvature_per_mm * (length_px * spacing) ** 2 / 8.0 / spacing
+    return float(np.clip(bend, -0.25 * length_px, 0.25 * length_px))
+
+
 def _sagitta(u: np.ndarray, length: float, bend: float) -> np.ndarray:
     """Offset of a bent shaft's centre line from its chord at distance ``u`` along the chord."""
     s = np.clip(u / length, 0.0, 1.0)
@@ -915,14 +924,12 @@ def needle_sequence(
         # The random pose's length is the planned depth: the needle never goes past it.
         length = float(np.clip(length, min(min_len, far), min(far, base.length_px)))
         elev = elev_a[i] + elev_b[i] * s_grid
-        # Sagitta of a circular arc of this curvature over the chord, pixels.
-        bend = curvature * (length * spacing) ** 2 / 8.0 / spacing
         pose = NeedlePose(
             (ex, ey),
             (ex + length * dx, ey + length * dy),
             base.width_px,
             np.exp(-0.5 * elev**2),
-            float(np.clip(bend, -0.25 * length, 0.25 * length)),
+            arc_bend_px(length, curvature, spacing),
         )
         # Shadow and reverberations stop at the imaging region; the interface around it stays.
         drawn = render_needle(
