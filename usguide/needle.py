@@ -545,8 +545,9 @@ class NeedleDetector:
 
         Returns the centre line's offset down the normal per ``s`` (None when the shaft is
         straight, or bends more than a needle does), the band and background sampled along it,
-        and the extent of the model's needle pixels along it: a bent shaft leaves the
-        straight line that the candidates were gathered on, tip first.
+        and the extent of the model's needle pixels along it, grown to their whole run on the
+        straight axis too: the candidates were gathered along one line, which a bent shaft
+        leaves, tip first.
         """
         i0 = int(np.searchsorted(s, extent[0]))
         i1 = int(np.searchsorted(s, extent[1], side="right"))
@@ -565,7 +566,7 @@ class NeedleDetector:
                 band, background, s, slice(i0, i1), centre, direction, grey.shape, reach,
                 _middle_offsets, bend,
             )  # fmt: skip
-            use = strength > 0.25 * strength.max() if len(strength) else strength > 0
+            use = strength > 0.25 * strength.max()
             if use.sum() < 8:
                 break
             t = s[i0:i1][use]
