@@ -33,11 +33,22 @@ def is_dicom_file(path: str | os.PathLike[str]) -> bool:
 
 
 def is_device(spec: str | int | os.PathLike[str]) -> bool:
-    """True for a capture device: an index (``0``, ``"1"``) or a ``/dev/video*`` path."""
+    """True for a capture device: an index (``0``, ``"1"``) or a ``/dev/video*`` path.
+
+    A number that names an existing file or folder (a folder of frames called ``20240101``)
+    is that path, not a device."""
     if isinstance(spec, int):
         return True
     text = str(spec)
-    return text.isdigit() or text.startswith("/dev/video")
+    if text.startswith("/dev/video"):
+        return True
+    return text.isdigit() and not os.path.exists(text)
+
+
+def _device_index(spec: str | int | os.PathLike[str]) -> int | str:
+    """A capture device's spec as OpenCV takes it: an index as an int, a path as a string."""
+    text = str(spec)
+    return int(text) if text.isdigit() else text
 
 
 def open_source(
@@ -68,7 +79,7 @@ def open_source(
     if is_device(spec):
         from usguide.sources.live import LiveSource
 
-        return LiveSource(int(spec) if str(spec).isdigit() else str(spec), **options)
+        return LiveSource(_device_index(spec), **options)
     path = Path(spec)
     if not path.exists():
         raise SourceNotFoundError(path, "no such file or folder")
