@@ -186,6 +186,23 @@ def test_model_with_other_classes(tmp_path: Path, engine: str) -> None:
         Segmenter(_edited(tmp_path, rename), engine=engine)
 
 
+@pytest.mark.parametrize(
+    "normalisation",
+    [{"mode": "foo"}, {"mode": "scale"}, {"mode": "scale", "mean": 0.5, "std": 0}],
+)
+def test_model_with_unusable_normalisation(tmp_path: Path, normalisation: dict) -> None:
+    """Refused when opened, naming the file, not on the first frame with a KeyError or a
+    division by zero."""
+
+    def set_normalisation(proto: object) -> None:
+        for p in proto.metadata_props:  # type: ignore[attr-defined]
+            if p.key == "usguide.normalisation":
+                p.value = json.dumps(normalisation)
+
+    with pytest.raises(ModelError, match="edited.onnx: normalisation"):
+        Segmenter(_edited(tmp_path, set_normalisation), engine="onnxruntime")
+
+
 def test_accuracy_floor_on_held_out_real_images(segmenter: Segmenter) -> None:
     """Real nerve-block images from the validation split (never trained on): a regression guard."""
     table = DiceTable()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -73,6 +74,29 @@ def normalise(grey: np.ndarray, normalisation: dict[str, Any], out: np.ndarray) 
     else:
         raise ValueError(f"unknown normalisation mode {mode!r}")
     return out
+
+
+def normalisation_problem(normalisation: dict[str, Any]) -> str | None:
+    """Why ``normalisation`` (a model's metadata) cannot be used by :func:`normalise`, or None:
+    checked when the model is opened, so a bad file fails there, naming it, not on a frame."""
+
+    def positive_number(key: str) -> bool:
+        value = normalisation.get(key)
+        return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+    mode = normalisation.get("mode")
+    if mode == "zscore":
+        if "min_std" in normalisation and not positive_number("min_std"):
+            return "min_std must be a positive number"
+        return None
+    if mode == "scale":
+        mean = normalisation.get("mean")
+        if not (isinstance(mean, (int, float)) and math.isfinite(mean)):
+            return "mean must be a finite number"
+        if not positive_number("std"):
+            return "std must be a positive number"
+        return None
+    return f"unknown mode {mode!r} (zscore or scale)"
 
 
 ENGINES = ("auto", "openvino", "onnxruntime")
@@ -215,6 +239,9 @@ def open_model(
         raise ModelError(path, f"metadata is not valid JSON of the expected form ({e})") from e
     if class_names != CLASS_NAMES:
         raise ModelError(path, f"class names {list(class_names)} differ from {list(CLASS_NAMES)}")
+    problem = normalisation_problem(normalisation)
+    if problem:
+        raise ModelError(path, f"normalisation {normalisation}: {problem}")
     if len(runner.input_shapes) != 1:
         raise ModelError(path, f"expected one input, found {len(runner.input_shapes)}")
     dims = runner.input_shapes[0]
