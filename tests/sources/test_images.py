@@ -112,3 +112,34 @@ def test_real_screen_capture_finds_imaging_area(test_data: Path) -> None:
     # The imaging area is a large part of the screen but not all of it (UI around it).
     area = frame.region.width * frame.region.height
     assert 0.2 * 864 * 1152 < area < 0.95 * 864 * 1152
+
+
+def test_sixteen_bit_images_keep_their_contrast(tmp_path: Path) -> None:
+    """12-bit data in a 16-bit PNG is scaled by the bits it uses; a fixed >> 8 made it black."""
+    ramp = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (4, 1))
+    assert cv2.imwrite(str(tmp_path / "twelve.png"), ramp)
+    image = read_image(tmp_path / "twelve.png")
+    assert image.dtype == np.uint8
+    assert np.array_equal(image, (ramp >> 4).astype(np.uint8))
+    full = ramp * 16  # the whole 16-bit range: as before
+    assert cv2.imwrite(str(tmp_path / "sixteen.png"), full)
+    assert np.array_equal(read_image(tmp_path / "sixteen.png"), (full >> 8).astype(np.uint8))
+
+
+def test_multi_page_tiff_is_refused_not_cut_to_its_first_page(tmp_path: Path) -> None:
+    pages = [np.full((16, 16), 40 * i, np.uint8) for i in range(3)]
+    assert cv2.imwritemulti(str(tmp_path / "cine.tif"), pages)
+    with pytest.raises(UnsupportedFormatError, match="cine.tif: a TIFF of 3 pages"):
+        ImageSource(tmp_path / "cine.tif")
+    assert cv2.imwrite(str(tmp_path / "one.tif"), pages[1])
+    assert int(read_image(tmp_path / "one.tif")[0, 0]) == 40
+
+
+def test_a_folder_says_which_entries_it_does_not_read(tmp_path: Path) -> None:
+    _write(tmp_path / "a.png", 1)
+    (tmp_path / "scan.dcm").write_bytes(b"x")
+    (tmp_path / "more").mkdir()
+    (tmp_path / ".hidden").write_bytes(b"x")
+    with pytest.warns(UserWarning, match=r"2 entries .* not read \(more/, scan.dcm\)"):
+        source = ImageSource(tmp_path)
+    assert source.frame_count == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -43,14 +44,33 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     return sorted(entries, key=lambda p: natural_key(p.name))
 
 
+def _warn_skipped(folder: Path, images: list[Path]) -> None:
+    """Say which entries of a frame folder are not read: subfolders, DICOM files, videos..."""
+    kept = set(images)
+    skipped = sorted(
+        (q.name + ("/" if q.is_dir() else "") for q in folder.iterdir()
+         if q not in kept and not q.name.startswith(".")),
+        key=natural_key,
+    )  # fmt: skip
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        warnings.warn(
+            f"{folder}: {len(skipped)} entries are not PNG, JPEG, TIFF or BMP images and are "
+            f"not read ({shown}); give DICOM files and videos, and subfolders, by name",
+            stacklevel=3,
+        )
+
+
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an image file as uint8 ``(H, W)`` grey or ``(H, W, 3)`` RGB.
 
-    16-bit images are scaled to 8 bits, alpha is dropped, palette images become RGB.
+    16-bit images are scaled to 8 bits by the bits their values use (12-bit data stored in 16
+    bits keeps its contrast), alpha is dropped, palette images become RGB.
 
     Raises
     ------
-    SourceNotFoundError, CorruptSourceError
+    SourceNotFoundError, CorruptSourceError, UnsupportedFormatError
+        Also for a TIFF of several pages, which this reader would cut to its first.
     """
     p = Path(path)
     if not p.is_file():
@@ -59,8 +79,18 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
         raise CorruptSourceError(path, "image cannot be decoded (corrupt or not an image)")
+    if p.suffix.lower() in (".tif", ".tiff"):
+        ok, pages = cv2.imdecodemulti(data, cv2.IMREAD_UNCHANGED)
+        if ok and len(pages) > 1:
+            raise UnsupportedFormatError(
+                path,
+                f"a TIFF of {len(pages)} pages; usguide reads one frame per image file "
+                "(save the pages as separate images, or the cine as DICOM or video)",
+            )
     if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
+        # A fixed >> 8 turns data of 12 bits or fewer nearly black.
+        shift = max(0, int(image.max()).bit_length() - 8)
+        image = (image >> shift).astype(np.uint8)
     elif image.dtype != np.uint8:
         raise UnsupportedFormatError(path, f"{image.dtype} images are not supported")
     if image.ndim == 3:
@@ -104,6 +134,7 @@ class ImageSource(SeekableSource):
                 files = list_images(p)
                 if not files:
                     raise EmptySourceError(path, "folder holds no PNG, JPEG, TIFF or BMP image")
+                _warn_skipped(p, files)
             elif p.is_file():
                 if p.suffix.lower() not in IMAGE_SUFFIXES:
                     raise UnsupportedFormatError(path, f"'{p.suffix}' is not an image type")
