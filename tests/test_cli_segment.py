@@ -50,7 +50,7 @@ def test_segment_images_cine_and_folder(tmp_path: Path, dicom_dir: Path) -> None
 
 
 def test_evaluate_writes_json(tmp_path: Path) -> None:
-    report = tmp_path / "eval.json"
+    report = tmp_path / "new" / "eval.json"  # the folder is made
     result = runner.invoke(
         app,
         [
@@ -97,3 +97,40 @@ def test_segment_bad_model_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "broken.onnx" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_two_inputs_with_one_name_are_refused_before_any_work(tmp_path: Path) -> None:
+    """The second x.png would silently replace the first's labels."""
+    for folder in ("d1", "d2"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(SAMPLES / "images" / "0002.png", tmp_path / folder / "x.png")
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["segment", str(tmp_path / "d1"), str(tmp_path / "d2"), "--out", str(out)]
+    )
+    assert result.exit_code == 2
+    assert "would both be written" in result.output and "separate --out" in result.output
+    assert not out.exists()
+
+
+def test_labels_never_replace_an_input(tmp_path: Path) -> None:
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(SAMPLES / "images" / "0002.png", folder / "0002.png")
+    before = (folder / "0002.png").read_bytes()
+    result = runner.invoke(app, ["segment", str(folder), "--out", str(folder)])
+    assert result.exit_code == 2 and "is an input" in result.output
+    assert (folder / "0002.png").read_bytes() == before
+
+
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    result = subprocess.run(
+        [sys.executable, "-m", "usguide.cli", "segment", str(SAMPLES / "images" / "0002.png"),
+         "--out", str(taken)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "taken" in lines[0] and "Traceback" not in result.stderr

@@ -94,3 +94,9 @@ def test_bad_input(tmp_path: Path, needle_folder) -> None:
     )
     assert model.exit_code == 2 and "model.onnx" in model.output
     assert not (tmp_path / "t.csv").exists()
+    # A folder as --out is refused before any frame is tracked, leaving nothing behind.
+    folder_out = tmp_path / "tips"
+    folder_out.mkdir()
+    taken = runner.invoke(app, ["track", str(folder), "--out", str(folder_out)])
+    assert taken.exit_code == 2 and "is a folder" in taken.output
+    assert not (tmp_path / "tips.partial").exists()

@@ -65,6 +65,11 @@ def user_errors() -> Iterator[None]:
     except ValueError as e:  # option values the sources reject (spacing, region)
         err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2) from None
+    except OSError as e:  # the file system: an output path that is a folder, a full disk
+        reason = e.strerror or str(e)
+        message = f"{e.filename}: {reason}" if e.filename is not None else reason
+        err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+        raise typer.Exit(2) from None
     finally:
         warnings.showwarning = previous
 
@@ -245,6 +250,33 @@ def output_stem(source: Any, frame: Any) -> str:
     return f"{stem}_{frame.index:05d}"
 
 
+def check_output_names(sources: list[Any], target: Any) -> None:
+    """Refuse, before any work, two inputs that would write the same label file (the second
+    would silently replace the first), and a label file that would replace an input."""
+    from pathlib import Path
+
+    def files(source: Any) -> list[Path]:
+        return [Path(f) for f in getattr(source, "files", None) or [source.source]]
+
+    inputs = {f.resolve() for source in sources for f in files(source)}
+    seen: dict[str, Path] = {}
+    for source in sources:
+        if source.kind != "images" and source.frame_count != 1:
+            continue  # frame names carry their index; clashes are caught as they are written
+        for f in files(source):
+            name = f.stem + ".png"
+            if name in seen:
+                raise UsguideError(
+                    target / name,
+                    f"{seen[name]} and {f} would both be written here; "
+                    "segment them into separate --out folders",
+                )
+            seen[name] = f
+            for folder in (target, target / "overlays"):
+                if (folder / name).resolve() in inputs:
+                    raise UsguideError(folder / name, "is an input; its label map would replace it")
+
+
 @app.command()
 def segment(
     inputs: Annotated[
@@ -278,11 +310,13 @@ def segment(
         segmenter = Segmenter(model, engine=engine, smoothing=smoothing)
         options = source_options(spacing, region, detect)
         sources = [open_source(path, **options) for path in inputs]
+        check_output_names(sources, target)
         total = sum(s.frame_count or 0 for s in sources)
         target.mkdir(parents=True, exist_ok=True)
         if overlay:
             (target / "overlays").mkdir(exist_ok=True)
         written = 0
+        written_by: dict[str, str] = {}
         with make_progress() as bar:
             task = bar.add_task("segmenting", total=total)
             for source in sources:
@@ -291,6 +325,13 @@ def segment(
                     for frame in source:
                         labels = segmenter(frame)
                         name = output_stem(source, frame) + ".png"
+                        if name in written_by:  # a multi-frame source's name met another's
+                            raise UsguideError(
+                                target / name,
+                                f"{frame.source} and {written_by[name]} would both be written "
+                                "here; segment them into separate --out folders",
+                            )
+                        written_by[name] = frame.source
                         write_png(target / name, labels)
                         if overlay:
                             blend = blend_labels(frame.pixels, labels)
@@ -378,17 +419,23 @@ def evaluate(
             task = bar.add_task("evaluating", total=len(pairs))
             for frame, (_, mask_path) in zip(source, pairs, strict=True):
                 truth = read_mask(mask_path, binary_class=binary)
-                table.add(segmenter(frame).copy(), truth, labelled)
+                try:
+                    table.add(segmenter(frame).copy(), truth, labelled)
+                except ValueError as e:
+                    raise UsguideError(mask_path, f"{e} (image {frame.source})") from None
                 bar.advance(task)
-    summary = table.summary()
-    result = {
-        "model": segmenter.info.path,
-        "model_version": segmenter.info.version,
-        "images": len(pairs),
-        "classes": summary,
-    }
-    Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
-    out.print(format_table(summary))
+        summary = table.summary()
+        # The table first: a JSON path that cannot be written must not lose the results.
+        out.print(format_table(summary))
+        result = {
+            "model": segmenter.info.path,
+            "model_version": segmenter.info.version,
+            "images": len(pairs),
+            "classes": summary,
+        }
+        json_path = Path(json_out)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
     err.print(f"{len(pairs)} images; results written to {json_out}")
 
 
@@ -433,6 +480,8 @@ def track(
     with user_errors():
         if hold < 0:
             raise UsguideError("--hold", f"must be 0 or more seconds, got {hold}")
+        if target.is_dir():
+            raise UsguideError(target, "is a folder; --out takes the CSV file to write")
         segmenter = Segmenter(model, engine=engine)
         stage = NeedleStage(replace(NeedleConfig(), hold_s=hold))
         source = open_source(input_path, **source_options(spacing, region, detect))
@@ -646,8 +695,7 @@ def run(
             xy = parse_numbers(t, (2,), "--target")
             assert xy is not None
             targets.append((xy[0], xy[1]))
-        spec: Any = int(input_path) if input_path.isdigit() else input_path
-        source = open_source(spec, **source_options(spacing, region, detect))
+        source = open_source(input_path, **source_options(spacing, region, detect))
         pipeline = Pipeline(
             model, engine=engine, threads=2 if live else 1, guidance=settings, targets=targets
         )
