@@ -215,3 +215,18 @@ def test_score_lines_carry_units() -> None:
     assert "time to target: 0.5 s (10 frames)" in text
     assert "final tip to target: 2.0 px" in text and "redirections: 1" in text
     assert "after the needle appeared" in text and "distances in px" in text
+
+
+def test_tip_on_the_outline_counts_as_entered() -> None:
+    # Tips on the outermost labelled pixels: every pixel of a one-pixel nerve, a vessel's edge.
+    labels = np.zeros((50, 50), np.uint8)
+    labels[20, 20] = NERVE
+    labels[30:40, 5:15] = VESSEL
+    for spacing in ((0.1, 0.1), None):
+        scorer = ApproachScorer((0.0, 0.0))
+        scorer.update(0, 0.0, (20.0, 20.0), labels, spacing)
+        scorer.update(1, DT, (5.0, 35.0), labels, spacing)
+        s = scorer.result()
+        assert s.entered_nerve and s.entered_vessel
+        assert s.closest_nerve is not None and s.closest_nerve < 0
+        assert s.closest_vessel is not None and s.closest_vessel < 0

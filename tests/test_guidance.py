@@ -24,9 +24,11 @@ DATA = Path(__file__).parent / "data" / "usgra-seg"
 MM = 0.1
 
 
-def make_frame(pixels: np.ndarray, index: int = 0, spacing: float | None = MM) -> Frame:
+def make_frame(
+    pixels: np.ndarray, index: int = 0, spacing: float | tuple[float, float] | None = MM
+) -> Frame:
     h, w = pixels.shape[:2]
-    sp = (spacing, spacing) if spacing else None
+    sp = (spacing, spacing) if isinstance(spacing, float) else spacing
     return Frame(pixels, index, index * 0.05, sp, Region((0, 0, w - 1, h - 1), sp), "test")
 
 
@@ -231,3 +233,113 @@ def test_config_is_checked() -> None:
         GuidanceConfig(mode="nerve")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="target_offset_mm"):
         GuidanceConfig(target_offset_mm=0)
+
+
+def test_tip_on_an_outline_pixel_is_inside() -> None:
+    labels = np.zeros((300, 400), np.uint8)
+    labels[140:161, 170:231] = NERVE
+    labels[200:221, 100:141] = VESSEL
+    labels[20, 20] = NERVE  # one pixel: all outline
+    labels[250:300, 300:400] = NERVE  # cut by the image's edge
+    grey = np.full(labels.shape, 90, np.uint8)
+    for spacing in (MM, None):
+        g = Guidance(GuidanceConfig(mode="manual"))
+        for i, tip in enumerate([(170.0, 150.0), (20.0, 20.0), (399.0, 299.0)]):
+            r = g(make_frame(grey, i, spacing), labels, needle_at(tip, index=i))
+            assert r.tip_to_nerve is not None and r.tip_to_nerve < 0
+            assert "intraneural" in {w.code for w in r.warnings}
+        r = g(make_frame(grey, 3, spacing), labels, needle_at((100.0, 210.0), index=3))
+        assert r.tip_to_vessel is not None and r.tip_to_vessel < 0
+        assert ("vessel_near", "tip inside a vessel") in {(w.code, w.message) for w in r.warnings}
+
+
+def test_vessel_near_warns_on_uncalibrated_frames_in_px() -> None:
+    labels = disc_labels()  # vessel: radius 25 px around (120, 230), top edge at y=205
+    grey = np.full(labels.shape, 90, np.uint8)
+    g = Guidance(GuidanceConfig(mode="manual", vessel_margin_mm=2.0, nominal_spacing_mm=0.1))
+    # 2 px above the vessel: within the 2 mm margin at the nominal 0.1 mm/px (20 px).
+    r = g(make_frame(grey, 0, None), labels, needle_at((120.0, 203.0), (0.0, 203.0)))
+    assert r.units == "px" and r.tip_to_vessel == pytest.approx(2.0)
+    near = [w.message for w in r.warnings if w.code == "vessel_near"]
+    assert near == ["tip 2.0 px from a vessel"]
+    # 25 px above: beyond the margin, no warning.
+    r = g(make_frame(grey, 1, None), labels, needle_at((120.0, 180.0), (0.0, 180.0), 1))
+    assert "vessel_near" not in {w.code for w in r.warnings}
+
+
+def test_target_step_cap_is_physical_with_anisotropic_spacing() -> None:
+    image = cv2.imread(str(DATA / "images" / "0212.png"), cv2.IMREAD_GRAYSCALE)
+    spacing = (0.2, 0.1)  # (row, col): a row is twice as tall as a column is wide
+    for axis in (0, 1):
+        g = Guidance(GuidanceConfig(mode="manual", max_target_step_mm=0.5))
+        target = g.add_target((300.0, 150.0))
+        positions = []
+        for i, shift in enumerate((0, 30)):  # a 30 px jump of the probe
+            g(make_frame(np.roll(image, shift, axis=axis), i, spacing), None, None)
+            positions.append(next(t.xy for t in g.targets if t.id == target))
+        dx, dy = np.subtract(positions[1], positions[0])
+        moved_mm = math.hypot(dx * spacing[1], dy * spacing[0])
+        assert moved_mm == pytest.approx(0.5, abs=1e-6)
+
+
+def test_perineural_offset_is_physical_with_anisotropic_spacing() -> None:
+    row_mm, col_mm = 0.2, 0.1
+    labels = np.zeros((300, 600), np.uint8)
+    cv2.ellipse(labels, (300, 150), (30, 15), 0, 0, 360, NERVE, -1)  # a 3 mm radius circle
+    ys, xs = np.nonzero(labels == NERVE)
+    for sides in (("left",), ("right",), ("left", "right")):
+        targets = plan_perineural_targets(labels, (row_mm, col_mm), offset_mm=1.5, sides=sides)
+        assert targets
+        for x, y in targets:
+            to_nerve_mm = np.hypot((xs - x) * col_mm, (ys - y) * row_mm).min()
+            assert to_nerve_mm == pytest.approx(1.5, abs=0.25)
+        if len(targets) == 2:
+            assert math.hypot(*np.subtract(*targets) * (col_mm, row_mm)) >= 3.0
+
+
+def _injection_scene(i: int, pocket_as_vessel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A small artery right of the target, labelled from the start; from frame 2 an anechoic
+    pocket grows at the target (200, 150) up to the artery, labelled vessel by the model (a
+    little inside its edge) when asked."""
+    pixels = np.full((300, 400), 120, np.uint8)
+    labels = np.zeros((300, 400), np.uint8)
+    if i >= 2:
+        radius = 10 + 6 * (i - 2)
+        cv2.circle(pixels, (200, 150), radius, 5, -1)
+        if pocket_as_vessel:
+            cv2.circle(labels, (200, 150), radius - 8, VESSEL, -1)
+    cv2.circle(pixels, (244, 150), 8, 5, -1)
+    cv2.circle(labels, (244, 150), 8, VESSEL, -1)  # x 236..252
+    return pixels, labels
+
+
+def test_vessel_beside_the_injectate_pocket_still_warns() -> None:
+    for pocket_as_vessel in (False, True):
+        g = Guidance(GuidanceConfig(mode="manual"))
+        g.add_target((200.0, 150.0))
+        for i in range(8):
+            pixels, labels = _injection_scene(i, pocket_as_vessel)
+            tip = (200.0, 150.0) if i < 7 else (222.0, 150.0)  # last: 1.4 mm from the artery
+            r = g(make_frame(pixels, i), labels, needle_at(tip, index=i))
+            if 3 <= i < 7:
+                assert r.spread is not None and r.spread.detected
+                # The pocket labelled vessel is injectate: the tip in it is not in a vessel.
+                assert r.tip_to_vessel is not None and r.tip_to_vessel > 2.0
+        assert r.tip_to_vessel == pytest.approx(1.4, abs=0.1)
+        assert "vessel_near" in {w.code for w in r.warnings}
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 400), (400, 1), (2, 2), (3, 3), (5, 5), (8, 3)])
+def test_tiny_imaging_regions_give_no_error(size: tuple[int, int]) -> None:
+    w, h = size
+    pixels = np.full((480, 640), 100, np.uint8)
+    labels = np.zeros((480, 640), np.uint8)
+    labels[10 : 10 + h, 10 : 10 + w] = NERVE
+    region = Region((10, 10, 10 + w - 1, 10 + h - 1), (MM, MM), True, "user")
+    g = Guidance(targets=((10.0, 10.0),))
+    for i in range(2):
+        r = g(Frame(pixels, i, 0.05 * i, (MM, MM), region, "test"), labels, None)
+        assert [t.kind for t in r.targets] == ["user"]
+    # The planner alone, on a label map that small, at a fine spacing too.
+    assert plan_perineural_targets(labels[10 : 10 + h, 10 : 10 + w], (MM, MM)) == []
+    assert plan_perineural_targets(np.full((9, 9), NERVE, np.uint8), (0.01, 0.01)) == []

@@ -15,7 +15,8 @@ answers what the anaesthetist needs on screen:
 - **injectate spread** (:mod:`usguide.spread`), armed when the tip first reaches a target.
 
 Distances are millimetres when the frame is calibrated and pixels otherwise (``units``); a
-nominal spacing is used only to size planning geometry, never to report a distance.
+nominal spacing is used only to size planning geometry and to turn the mm thresholds (on
+target, vessel margin) into px on uncalibrated frames, never to report a distance.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from usguide.spread import InjectateSpread, SpreadConfig, SpreadState
 TargetKind = Literal["perineural", "mesotherapy", "user"]
 Point = tuple[float, float]
 
+# Imaging regions smaller than this on a side (px) hold nothing to follow or plan around.
+_MIN_REGION_PX = 8
+
 
 @dataclass(frozen=True, slots=True)
 class GuidanceConfig:
@@ -55,11 +59,14 @@ class GuidanceConfig:
         Side the needle enters from; "auto" takes the tracked needle's side, and while none is
         seen accepts targets reachable from either side.
     vessel_margin_mm : float
-        Tip closer than this to a vessel warns; a planned path keeps this clear of vessels.
+        Tip closer than this to a vessel warns; a planned path keeps this clear of vessels. On
+        an uncalibrated frame the warning uses ``vessel_margin_mm / nominal_spacing_mm`` px, and
+        its message gives the distance in px.
     nerve_margin_mm : float
         A planned path keeps this clear of the nerve.
     on_target_mm : float
-        The tip counts as on target within this distance.
+        The tip counts as on target within this distance (``on_target_mm /
+        nominal_spacing_mm`` px on an uncalibrated frame).
     path_beyond_target_mm : float
         The projected path is checked up to the target's depth plus this; to the region's edge
         when there is no target.
@@ -76,8 +83,8 @@ class GuidanceConfig:
     advancing_mm, advancing_window_s : float
         The needle was advancing when its inserted length grew by this much within the window.
     nominal_spacing_mm : float
-        Spacing used to size planning geometry on uncalibrated frames (never for a reported
-        distance).
+        Spacing used on uncalibrated frames to size planning geometry and to turn the mm
+        thresholds above into px (never for a reported distance).
     """
 
     mode: Literal["perineural", "mesotherapy", "manual"] = "perineural"
@@ -283,6 +290,7 @@ class Guidance:
         self._was_visible = False
         self._lost_advancing = False
         self._declined = 0
+        self._vessel_at_arming: np.ndarray | None = None
         self.spread.reset()
 
     # -- per frame ---------------------------------------------------------------------------
@@ -306,10 +314,18 @@ class Guidance:
             spread = self.spread(frame, labels, spread_tip)
             if spread.detected and region_labels is not None:
                 # The pocket that grew around the tip after it reached the target is injectate,
-                # however vessel-like (anechoic) the model finds it.
+                # however vessel-like (anechoic) the model finds it; a vessel labelled before
+                # the injection stays a vessel.
                 pocket = self.spread.mask[crop]
                 if pocket.shape == region_labels.shape:
-                    region_labels = _without_injectate_vessels(region_labels, pocket, plan_spacing)
+                    region_labels = _without_injectate_vessels(
+                        region_labels,
+                        pocket,
+                        self._vessel_at_arming,
+                        spread.shift_xy,
+                        plan_spacing,
+                        slack_mm=cfg.spread.motion_tolerance_mm,
+                    )
 
         self._follow_tissue(grey, (x0, y0), region_labels, plan_spacing)
         skin_line = None
@@ -327,6 +343,11 @@ class Guidance:
             )
         scale = (spacing[1], spacing[0]) if spacing else (1.0, 1.0)  # (x, y) units per px
         unit = units
+
+        def threshold(mm: float) -> float:
+            # A threshold in the result's units: px through the nominal spacing when the frame
+            # is uncalibrated (decides a warning; the distances shown stay in px).
+            return mm if spacing else mm / cfg.nominal_spacing_mm
 
         # Active target: the one nearest the tip; kept while the tip is not seen.
         if tip is not None and self._targets:
@@ -351,10 +372,9 @@ class Guidance:
                     warnings.append(
                         GuidanceWarning("intraneural", "tip inside the nerve: intraneural risk")
                     )
-                margin = cfg.vessel_margin_mm if spacing else None
-                if tip_to_vessel is not None and (
-                    tip_to_vessel < 0 or (margin is not None and tip_to_vessel < margin)
-                ):
+                # Inside (negative) or within the margin.
+                near = max(0.0, threshold(cfg.vessel_margin_mm))
+                if tip_to_vessel is not None and tip_to_vessel < near:
                     where = "inside" if tip_to_vessel < 0 else f"{tip_to_vessel:.1f} {unit} from"
                     warnings.append(GuidanceWarning("vessel_near", f"tip {where} a vessel"))
             if needle is not None and needle.entry_xy is not None:
@@ -373,13 +393,17 @@ class Guidance:
                         )
 
         # Time on target: continuous dwell within on_target of the active target.
-        on_radius = cfg.on_target_mm if spacing else cfg.on_target_mm / plan_spacing[1]
-        on_target = tip_to_target is not None and tip_to_target <= on_radius
+        on_target = tip_to_target is not None and tip_to_target <= threshold(cfg.on_target_mm)
         if on_target:
             if self._on_target_since is None:
                 self._on_target_since = t
                 if not self.spread.armed:
                     self.spread.arm(frame, tip)
+                    # Vessels seen before any fluid: never taken for injectate later.
+                    self._vessel_at_arming = None
+                    if region_labels is not None:
+                        vessel = (region_labels == VESSEL).view(np.uint8)
+                        self._vessel_at_arming = vessel if vessel.any() else None
         else:
             self._on_target_since = None
         time_on_target = t - self._on_target_since if self._on_target_since is not None else 0.0
@@ -419,8 +443,12 @@ class Guidance:
     ) -> None:
         """Move every target with the image around it (pyramidal Lucas-Kanade on a small grid
         of points, median of the points that track forward and back and are not on the needle),
-        so targets stay on the same tissue under probe motion."""
+        so targets stay on the same tissue under probe motion. A region under
+        ``_MIN_REGION_PX`` on a side holds no tissue to follow: targets stay where they are."""
         box = (origin[0], origin[1], grey.shape[1], grey.shape[0])
+        if min(grey.shape) < _MIN_REGION_PX:
+            self._previous_half, self._previous_box = None, None
+            return
         # Half resolution is plenty for tissue motion and costs a quarter.
         half = cv2.resize(
             grey, (grey.shape[1] // 2, grey.shape[0] // 2), interpolation=cv2.INTER_AREA
@@ -469,14 +497,13 @@ class Guidance:
             good &= region_labels[py, px] != NEEDLE
         motion = (forward - points)[:, 0].reshape(len(ids), len(offsets), 2)
         good = good.reshape(len(ids), len(offsets))
-        step_px = self.config.max_target_step_mm / spacing[1]
         for k, moves, keep in zip(ids, motion, good, strict=True):
             if keep.sum() < 3:
                 continue
-            dx, dy = np.median(moves[keep], axis=0)
-            norm = math.hypot(dx, dy)
-            if norm > step_px:
-                dx, dy = dx * step_px / norm, dy * step_px / norm
+            median = np.median(moves[keep], axis=0)
+            dx, dy = capped_step(
+                float(median[0]), float(median[1]), self.config.max_target_step_mm, spacing
+            )
             t = self._targets[k]
             self._targets[k] = replace(t, xy=(t.xy[0] + float(dx), t.xy[1] + float(dy)))
 
@@ -520,7 +547,6 @@ class Guidance:
             return
         self._nerve_seen_at = t
         planned = [(c[0] + origin[0], c[1] + origin[1]) for c in candidates]
-        step_px = cfg.max_target_step_mm / spacing[1]
         # Each existing automatic target moves a share of the way towards the nearest planned
         # place, capped per frame: it follows the anatomy and never jumps.
         unused = list(planned)
@@ -532,9 +558,7 @@ class Guidance:
             j = min(range(len(unused)), key=lambda i: math.dist(unused[i], xy))
             goal = unused.pop(j)
             dx, dy = (goal[0] - xy[0]) * cfg.target_follow, (goal[1] - xy[1]) * cfg.target_follow
-            norm = math.hypot(dx, dy)
-            if norm > step_px:
-                dx, dy = dx * step_px / norm, dy * step_px / norm
+            dx, dy = capped_step(dx, dy, cfg.max_target_step_mm, spacing)
             self._targets[k] = replace(self._targets[k], xy=(xy[0] + dx, xy[1] + dy))
         missing = cfg.max_targets - len(auto) - self._declined
         for xy in unused[: max(0, missing)]:
@@ -559,7 +583,6 @@ class Guidance:
             (float(x + origin[0]), float(np.polyval(line, x) + depth_px + origin[1])) for x in xs
         ]
         planned = [p for p in planned if p[1] <= origin[1] + h - 1]
-        step_px = cfg.max_target_step_mm / spacing[1]
         if len(auto) != len(planned):
             for k in auto:
                 del self._targets[k]
@@ -569,10 +592,9 @@ class Guidance:
         else:
             for k, goal in zip(auto, planned, strict=True):
                 xy = self._targets[k].xy
-                dx, dy = goal[0] - xy[0], goal[1] - xy[1]
-                norm = math.hypot(dx, dy)
-                if norm > step_px:
-                    dx, dy = dx * step_px / norm, dy * step_px / norm
+                dx, dy = capped_step(
+                    goal[0] - xy[0], goal[1] - xy[1], cfg.max_target_step_mm, spacing
+                )
                 self._targets[k] = replace(self._targets[k], xy=(xy[0] + dx, xy[1] + dy))
         ends = (0.0, float(w - 1))
         return (
@@ -642,44 +664,80 @@ def scaled_distance(a: Point, b: Point, scale: tuple[float, float]) -> float:
     return math.hypot((a[0] - b[0]) * scale[0], (a[1] - b[1]) * scale[1])
 
 
+def capped_step(
+    dx: float, dy: float, max_mm: float, spacing_mm: tuple[float, float]
+) -> tuple[float, float]:
+    """The move ``(dx, dy)`` (px) shortened, direction kept, to at most ``max_mm`` of physical
+    length at ``spacing_mm`` ((row, col) mm per px: a vertical px may be longer than a
+    horizontal one)."""
+    length_mm = math.hypot(dx * spacing_mm[1], dy * spacing_mm[0])
+    if length_mm <= max_mm:
+        return dx, dy
+    shrink = max_mm / length_mm
+    return dx * shrink, dy * shrink
+
+
 def signed_edge_distance(
     labels: np.ndarray, cls: int, xy: Point, scale: tuple[float, float]
 ) -> float | None:
     """Distance from ``xy`` (region pixels) to the nearest outline of class ``cls``, in the
-    units of ``scale``; negative inside. None when the class is absent."""
+    units of ``scale``; None when the class is absent.
+
+    Inside is decided by the label of the pixel under ``xy``, and an inside distance is strictly
+    negative: the edge lies at least half a pixel beyond the centre of an outline pixel, so a tip
+    on the outline (every pixel of a one-pixel region) reads ``-0.5`` px, never ``-0.0``."""
     mask = (labels == cls).view(np.uint8)
     contours, _ = cv2.findContours(mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
     if not contours:
         return None
     points = np.concatenate([c[:, 0, :] for c in contours]).astype(np.float64)
-    d = np.hypot((points[:, 0] - xy[0]) * scale[0], (points[:, 1] - xy[1]) * scale[1]).min()
+    d = float(np.hypot((points[:, 0] - xy[0]) * scale[0], (points[:, 1] - xy[1]) * scale[1]).min())
     h, w = labels.shape
     c, r = round(xy[0]), round(xy[1])
     inside = 0 <= r < h and 0 <= c < w and labels[r, c] == cls
-    return -float(d) if inside else float(d)
+    return -(d + 0.5 * min(scale)) if inside else d
 
 
 def _without_injectate_vessels(
-    labels: np.ndarray, pocket: np.ndarray, spacing: tuple[float, float]
+    labels: np.ndarray,
+    pocket: np.ndarray,
+    vessel_at_arming: np.ndarray | None,
+    shift_xy: Point,
+    spacing: tuple[float, float],
+    *,
+    slack_mm: float = 0.3,
 ) -> np.ndarray:
-    """A copy of ``labels`` where vessel regions lying mostly (>= half) within 1 mm of the
-    injectate pocket are background."""
+    """A copy of ``labels`` without the vessel labels the injectate pocket explains.
+
+    In every vessel region that overlaps the pocket, the pixels that were not vessel when the
+    spread stage was armed are background. ``vessel_at_arming`` (uint8, nonzero on a vessel;
+    None when none was labelled) is moved by the probe's ``shift_xy`` (px) since, and grown by
+    ``slack_mm`` (at least a pixel) for residual motion and label jitter. A vessel that does not
+    touch the pocket, or that was labelled before the injection, stays; one that first appears
+    where it touches the pocket cannot be told from injectate.
+    """
     vessel = (labels == VESSEL).view(np.uint8)
     n, components = cv2.connectedComponents(vessel, connectivity=8)
     if n <= 1:
         return labels
-    r = max(1, round(1.0 / math.sqrt(spacing[0] * spacing[1])))
-    near = cv2.dilate(
-        pocket.view(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)
-    )
-    total = np.bincount(components.ravel(), minlength=n)
-    inside = np.bincount(components[near > 0], minlength=n)
-    injectate = np.flatnonzero(inside >= 0.5 * np.maximum(total, 1))
-    injectate = injectate[injectate > 0]
-    if not len(injectate):
+    touched = np.unique(components[pocket])
+    touched = touched[touched > 0]
+    if not len(touched):
+        return labels
+    explained = np.isin(components, touched)
+    if vessel_at_arming is not None and vessel_at_arming.shape == labels.shape:
+        h, w = labels.shape
+        move = np.float32([[1, 0, shift_xy[0]], [0, 1, shift_xy[1]]])
+        before = cv2.warpAffine(vessel_at_arming, move, (w, h), flags=cv2.INTER_NEAREST)
+        rx, ry = max(1, round(slack_mm / spacing[1])), max(1, round(slack_mm / spacing[0]))
+        before = cv2.dilate(
+            before, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * rx + 1, 2 * ry + 1))
+        )
+        explained &= before == 0
+    if not explained.any():
         return labels
     out = labels.copy()
-    out[np.isin(components, injectate)] = 0
+    out[explained] = 0
     return out
 
 
@@ -722,8 +780,9 @@ def plan_perineural_targets(
     count : int
         Most points returned; they lie at least 3 mm apart.
     work_mm : float
-        Planning grid: labels are sampled about this coarsely (never finer than their own
-        pixels), which keeps planning well under a millisecond.
+        Planning grid: labels are sampled to square pixels about this size (never finer than
+        their own pixels along the coarser axis), which keeps planning well under a millisecond
+        and every distance, margin and area physical when rows and columns differ in spacing.
 
     Returns
     -------
@@ -733,13 +792,27 @@ def plan_perineural_targets(
     the nerve (``nerve_margin_mm``). Points in the fascial plane (fascia within 1 mm) rank first,
     then points facing the entry, then shorter paths.
     """
-    if count <= 0:
+    if count <= 0 or min(labels.shape) < _MIN_REGION_PX:
         return []
     row_mm, col_mm = spacing_mm
-    mm = math.sqrt(row_mm * col_mm)
-    f = max(1, int(work_mm / mm))  # sampling step, px
-    coarse = labels[f // 2 :: f, f // 2 :: f]
-    cmm = mm * f  # mm per coarse pixel
+    # Square coarse pixels of cmm mm, so distance maps and dilations are physical: the coarser
+    # axis is sampled every f px, the finer one at the matching (maybe fractional) step.
+    cell = max(row_mm, col_mm)
+    f = max(1, int(work_mm / cell))  # sampling step along the coarser axis, px
+    cmm = cell * f  # mm per coarse pixel, both axes
+    # px per coarse pixel; exactly f along the coarser axis (both when the pixels are square)
+    step_x = float(f) if col_mm == cell else cmm / col_mm
+    step_y = float(f) if row_mm == cell else cmm / row_mm
+    # Coarse index -> the px index it samples (nearest, at the middle of its step).
+    col_at = np.floor(np.arange(math.ceil(labels.shape[1] / step_x)) * step_x + step_x / 2)
+    row_at = np.floor(np.arange(math.ceil(labels.shape[0] / step_y)) * step_y + step_y / 2)
+    col_at = col_at[col_at < labels.shape[1]].astype(np.intp)
+    row_at = row_at[row_at < labels.shape[0]].astype(np.intp)
+    # Square pixels (the usual case) take a strided view, no copy.
+    square = row_mm == col_mm
+    coarse = labels[f // 2 :: f, f // 2 :: f] if square else labels[np.ix_(row_at, col_at)]
+    if min(coarse.shape) < 3:  # too small to hold a nerve and the ring around it
+        return []
     # Whole-grid work is limited to cheap comparisons and bounding boxes; distance maps are
     # computed only around the nerve, and margins are dilations where a class is present.
     nerve = cv2.compare(coarse, NERVE, cv2.CMP_EQ)
@@ -788,7 +861,9 @@ def plan_perineural_targets(
     centroid = centroids[biggest] + (nx, ny)
 
     if entry_xy is not None:
-        entries = np.array([[(entry_xy[0] - f // 2) / f, (entry_xy[1] - f // 2) / f]])
+        entries = np.array(
+            [[(entry_xy[0] - col_at[0]) / step_x, (entry_xy[1] - row_at[0]) / step_y]]
+        )
     else:
         corners = {"left": [0.0, 0.0], "right": [w - 1.0, 0.0]}
         entries = np.array([corners[side] for side in sides])
@@ -808,7 +883,7 @@ def plan_perineural_targets(
     on_path = blocked.ravel().take(ys * w + xs)  # (N, E, K)
     vessel_clear = ~(on_path & 1).any(axis=2)
     # The last stretch comes within offset_mm of the nerve by design: check it up to there.
-    delta = (b - a)[:, :, 0, :].astype(np.float64) * (col_mm / mm * cmm, row_mm / mm * cmm)
+    delta = (b - a)[:, :, 0, :].astype(np.float64) * cmm
     length_mm = np.hypot(delta[..., 0], delta[..., 1])  # (N, E)
     along_mm = s[None, None, :] * length_mm[..., None]
     near_end = along_mm > (length_mm - offset_mm - 0.5)[..., None]
@@ -828,7 +903,7 @@ def plan_perineural_targets(
     for i in order:
         if not np.isfinite(score[i]):
             break
-        p = (float(points[i, 0] * f + f // 2), float(points[i, 1] * f + f // 2))
+        p = (float(col_at[int(points[i, 0])]), float(row_at[int(points[i, 1])]))
         if all(scaled_distance(p, q, (col_mm, row_mm)) >= 3.0 for q in chosen):
             chosen.append(p)
         if len(chosen) == count:
