@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -160,6 +161,34 @@ def test_size_changes_and_blank_frames_keep_the_run_going(pipeline: Pipeline) ->
         assert r.labels is not None and not r.labels.any()
         assert r.needle is not None and not r.needle.visible
         assert r.overlay is not None
+
+
+def test_calibration_belongs_to_the_frame_size_it_came_with() -> None:
+    """A source attaches its region to every frame: a frame of another size carrying the same
+    region and spacing is not measured in mm, even where the old region still fits."""
+    pipeline = Pipeline(overlay=False)
+    demo = DemoScan().read(80)
+    header = replace(demo.region, origin="dicom")  # as a DICOM cine's region comes
+    small = replace(demo, region=header, regions=(header,))
+    h, w = small.pixels.shape[:2]
+    big_pixels = cv2.resize(small.pixels, (2 * w, 2 * h))  # the same scan at twice the size
+    stale = Frame(big_pixels, 81, 4.05, small.spacing_mm, small.region, "test")
+    own = Region.whole(2 * h, 2 * w, (small.spacing_mm[0] / 2, small.spacing_mm[1] / 2))
+    fresh = Frame(big_pixels, 82, 4.1, own.spacing_mm, own, "test")
+    back = replace(small, index=83)
+    results = [pipeline.process(f) for f in (small, stale, fresh, back)]
+    assert all(not r.errors for r in results)
+    units = [r.guidance.units for r in results if r.guidance is not None]
+    assert units == ["mm", "px", "mm", "mm"]
+    assert results[1].frame.spacing_mm is None and results[1].frame.region_spacing_mm is None
+    assert results[1].frame.region.bbox == (0, 0, 2 * w - 1, 2 * h - 1)
+    assert results[2].frame.region == own  # the frame's own calibration for its size is kept
+    assert results[3].frame.region == small.region
+    # A region the user gave is theirs to vouch for, at any size it fits.
+    user = replace(demo.region, origin="user")
+    given = Frame(big_pixels, 84, 4.2, small.spacing_mm, user, "test")
+    result = pipeline.process(given)
+    assert result.frame.region == user and result.frame.spacing_mm == small.spacing_mm
 
 
 def test_live_mode_takes_the_newest_frame_and_counts_drops(pipeline: Pipeline) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from usguide.errors import UsguideError
-from usguide.frame import Frame, FrameResult, Region
+from usguide.frame import Frame, FrameResult, Region, SpacingMM
 from usguide.guidance import Guidance, GuidanceConfig, GuidanceResult
 from usguide.needle import NeedleConfig, NeedleStage, NeedleState
 from usguide.sinks import Sink
@@ -136,6 +136,9 @@ class Pipeline:
         self.renderer = OverlayRenderer() if overlay else None
         self.timings = StageTimings()
         self._shape: tuple[int, ...] | None = None
+        # The region and spacing frames last arrived with, and the frame size they came with.
+        self._calibration: tuple[Region, SpacingMM | None] | None = None
+        self._calibration_size: tuple[int, int] | None = None
         self._restarted = False
         self._notes: set[str] = set()
 
@@ -145,6 +148,7 @@ class Pipeline:
         self.needle.reset()
         self.guidance.reset()
         self._shape = None
+        self._calibration = self._calibration_size = None
 
     def process(self, frame: Frame) -> FrameResult:
         """Run every stage on one frame. The result's overlay buffer is reused next frame."""
@@ -202,21 +206,45 @@ class Pipeline:
     def _preprocess(self, frame: Frame) -> Frame:
         """Check the frame against the sequence: a new size resets the trackers, and a region
         that no longer fits becomes the whole frame, uncalibrated (its spacing was for the
-        old layout)."""
+        old layout).
+
+        A region and spacing belong to the frame size they first came with. A source attaches
+        its imaging region to every frame (:meth:`FrameSource.make_frame`), so a frame of
+        another size arriving with the very same region and spacing carries the old layout's
+        calibration: it too is measured over the whole frame, uncalibrated. A frame that comes
+        with a region or spacing of its own (an image folder gives each size its own region),
+        or with the region the user gave, is believed; one equal to the old, even if rebuilt for
+        the new size, is not.
+        """
         shape = frame.pixels.shape
         self._restarted = self._shape is not None and shape != self._shape
         if self._restarted:
             self.segmenter.reset()  # the trackers restart in finish(), in frame order
             self._note(f"frame size changed to {shape[1]} x {shape[0]}: tracking restarted")
         self._shape = shape
+        size = (frame.rows, frame.columns)
+        calibration = (frame.region, frame.spacing_mm)
         if not frame.region.inside(frame.rows, frame.columns):
             self._note(
                 f"imaging region {list(frame.region.bbox)} lies outside a "
                 f"{frame.columns} x {frame.rows} frame: using the whole frame, uncalibrated"
             )
-            whole = Region.whole(frame.rows, frame.columns)
-            frame = replace(frame, region=whole, spacing_mm=None, regions=(whole,))
-        return frame
+        else:
+            if frame.region.origin == "user":
+                return frame  # the user's own region and spacing: theirs to vouch for
+            if calibration != self._calibration:  # a new calibration: it is for this size
+                self._calibration, self._calibration_size = calibration, size
+            if size == self._calibration_size:
+                return frame
+            assert self._calibration_size is not None
+            rows, columns = self._calibration_size
+            self._note(
+                f"imaging region {list(frame.region.bbox)} and its spacing belong to a "
+                f"{columns} x {rows} frame, not {frame.columns} x {frame.rows}: using the "
+                "whole frame, uncalibrated"
+            )
+        whole = Region.whole(frame.rows, frame.columns)
+        return replace(frame, region=whole, spacing_mm=None, regions=(whole,))
 
     def _note(self, text: str) -> None:
         if text not in self._notes:
