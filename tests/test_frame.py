@@ -29,6 +29,17 @@ def test_frame_rejects_wrong_pixels(pixels: np.ndarray) -> None:
         Frame(pixels, 0, None, None, Region.whole(4, 4), "test")
 
 
+def test_parse_spacing_accepts_numpy_scalars() -> None:
+    assert parse_spacing(np.float32(0.25)) == (0.25, 0.25)
+    assert parse_spacing(np.int64(1)) == (1.0, 1.0)
+    assert parse_spacing(np.float64(0.5)) == (0.5, 0.5)
+    assert parse_spacing(np.array(0.5)) == (0.5, 0.5)  # 0-d array: one number
+    assert parse_spacing((np.float32(0.25), np.int64(2))) == (0.25, 2.0)
+    for bad in (np.float32(0), np.int64(-1), np.float64("nan"), np.float32("inf")):
+        with pytest.raises(ValueError, match="positive"):
+            parse_spacing(bad)  # type: ignore[arg-type]
+
+
 def test_parse_spacing() -> None:
     assert parse_spacing(0.5) == (0.5, 0.5)
     assert parse_spacing((0.1, 0.2)) == (0.1, 0.2)

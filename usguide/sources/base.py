@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,7 +25,13 @@ def parse_spacing(value: float | Sequence[float] | None) -> SpacingMM | None:
     """
     if value is None:
         return None
-    pair = (value, value) if isinstance(value, (int, float)) else tuple(value)
+    # numbers.Real covers NumPy scalars (np.float32, np.int64) too; a 0-d array is one number.
+    if isinstance(value, (int, float, numbers.Real)) or (
+        isinstance(value, np.ndarray) and value.ndim == 0
+    ):
+        pair: tuple[Any, ...] = (value, value)
+    else:
+        pair = tuple(value)
     if len(pair) != 2:
         raise ValueError(f"spacing must be one number or (row, col), got {value!r}")
     row, col = (float(v) for v in pair)
