@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import apply_color_lut, pixel_array
+from pydicom.pixels import apply_color_lut, convert_color_space, pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from usguide.errors import (
@@ -218,6 +218,45 @@ def test_units_other_than_cm_give_no_spacing(dicom_dir: Path) -> None:
     assert region.spacing_mm == pytest.approx((1.0, 0.5105), abs=1e-4)
 
 
+def _region_item(x0: int, y0: int, x1: int, y1: int) -> Dataset:
+    item = Dataset()
+    item.RegionSpatialFormat = 1
+    item.RegionDataType = 1
+    item.RegionLocationMinX0, item.RegionLocationMinY0 = x0, y0
+    item.RegionLocationMaxX1, item.RegionLocationMaxY1 = x1, y1
+    item.PhysicalUnitsXDirection = item.PhysicalUnitsYDirection = 3
+    item.PhysicalDeltaX, item.PhysicalDeltaY = 0.01, 0.02
+    return item
+
+
+@pytest.mark.parametrize(
+    ("bbox", "valid", "kept"),
+    [
+        ((0, 0, 320, 239), True, (0, 0, 319, 239)),  # exclusive end on x only: clipped
+        ((0, 0, 319, 240), True, (0, 0, 319, 239)),  # exclusive end on y only: clipped
+        ((0, 0, 320, 240), True, (0, 0, 319, 239)),  # both
+        ((0, 0, 320, 479), False, (0, 0, 319, 479)),  # x one past, y far out: rejected
+        ((0, 0, 639, 240), False, (0, 0, 639, 239)),  # y one past, x far out: rejected
+    ],
+)
+def test_region_clip_is_per_axis(
+    bbox: tuple[int, int, int, int], valid: bool, kept: tuple[int, int, int, int]
+) -> None:
+    """Only the axis whose end is one past its own edge is clipped; the other is still checked."""
+    ds = Dataset()
+    ds.SequenceOfUltrasoundRegions = [_region_item(*bbox)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (region,) = regions_from_header(ds, 240, 320, "r.dcm")
+    assert region.valid is valid and region.bbox == kept
+    if valid:
+        assert region.spacing_mm == pytest.approx((0.2, 0.1))
+        assert not caught
+    else:
+        assert region.spacing_mm is None
+        assert any("r.dcm" in str(w.message) and "outside" in str(w.message) for w in caught)
+
+
 def test_timing_priority() -> None:
     ds = Dataset()
     ds.FrameIncrementPointer = 0x00181065
@@ -265,6 +304,194 @@ def _write_sr(path: Path) -> None:
     ds.Modality = "SR"
     ds.PatientName = "Doe^Jane"
     ds.save_as(path, enforce_file_format=True)
+
+
+def _write_image(
+    path: Path,
+    pixels: bytes,
+    *,
+    rows: int,
+    columns: int,
+    samples: int = 1,
+    bits: int = 8,
+    stored: int | None = None,
+    photometric: str = "MONOCHROME2",
+    signed: bool = False,
+    **extra: object,
+) -> Path:
+    """A small uncompressed US image; ``extra`` sets further header attributes."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # US Multi-frame Image
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "US"
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel = samples
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = bits
+    ds.BitsStored = stored or bits
+    ds.HighBit = (stored or bits) - 1
+    ds.PixelRepresentation = int(signed)
+    if samples == 3:
+        ds.PlanarConfiguration = 0
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = pixels
+    ds["PixelData"].VR = "OB" if bits == 8 else "OW"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_uncompressed_ybr_full_422_decodes_to_rgb(tmp_path: Path) -> None:
+    """Uncompressed YBR_FULL_422 stores 2 bytes a pixel (Y Y Cb Cr per pair), not 3."""
+    rows, columns, n = 32, 48, 3
+    data = np.random.default_rng(2).integers(0, 256, rows * columns * 2 * n, dtype=np.uint8)
+    path = _write_image(
+        tmp_path / "ybr422.dcm",
+        data.tobytes(),
+        rows=rows,
+        columns=columns,
+        samples=3,
+        photometric="YBR_FULL_422",
+        NumberOfFrames=n,
+    )
+    with DicomSource(path) as src:
+        assert src.decoder_name == "native"
+        for index in range(n):
+            ybr = pixel_array(path, index=index, raw=True)  # pydicom: upsampled, still YBR
+            expected = convert_color_space(ybr, "YBR_FULL", "RGB")
+            assert np.array_equal(expected, pixel_array(path, index=index))
+            pixels = src.read(index).pixels
+            assert pixels.shape == (rows, columns, 3)
+            assert np.array_equal(pixels, expected)
+
+
+def test_deep_grey_ignores_bits_above_bits_stored(tmp_path: Path) -> None:
+    """12-bit values with the unused high bits set (overlays) must not come out white."""
+    grey = np.linspace(0, 4095, 256).astype(np.uint16).reshape(16, 16)
+    path = _write_image(
+        tmp_path / "g12.dcm", (grey | 0xF000).tobytes(), rows=16, columns=16, bits=16, stored=12
+    )
+    with DicomSource(path) as src:
+        pixels = src.read(0).pixels
+    assert np.array_equal(pixels, (grey >> 4).astype(np.uint8))
+    assert np.array_equal(pixels, (pixel_array(path) >> 4).astype(np.uint8))
+    assert pixels.min() == 0 and pixels.max() == 255
+
+
+@pytest.mark.parametrize(("bits", "stored"), [(16, 12), (16, 16), (8, 8)])
+def test_signed_grey_maps_stored_range_monotonically(
+    tmp_path: Path, bits: int, stored: int
+) -> None:
+    """PixelRepresentation 1: most negative is black, zero mid-grey, most positive white."""
+    low, high = -(1 << (stored - 1)), (1 << (stored - 1)) - 1
+    ramp = np.linspace(low, high, 256).round().astype(np.int16 if bits == 16 else np.int8)
+    raw = ramp.reshape(16, 16)
+    if stored < bits:
+        raw = raw.view(np.uint16) & np.uint16((1 << stored) - 1)  # no sign bits above HighBit
+    path = _write_image(
+        tmp_path / "signed.dcm",
+        raw.tobytes(),
+        rows=16,
+        columns=16,
+        bits=bits,
+        stored=stored,
+        signed=True,
+    )
+    with DicomSource(path) as src:
+        pixels = src.read(0).pixels.ravel()
+        # pydicom's decoder (compressed files) must give the same grey as the native path.
+        assert np.array_equal(src._to_uint8(src._decode_pydicom(0)).ravel(), pixels)
+    assert pixels[0] == 0 and pixels[-1] == 255
+    assert pixels[np.argmin(np.abs(ramp.astype(int)))] in (127, 128)
+    assert np.all(np.diff(pixels.astype(int)) >= 0)
+
+
+def _header_file(tmp_path: Path, name: str, old: bytes = b"", new: bytes = b"") -> Path:
+    """A 4-frame 8x8 cine timed by FrameTimeVector, with ``old`` bytes patched to ``new``."""
+    path = _write_image(
+        tmp_path / name,
+        bytes(8 * 8 * 4),
+        rows=8,
+        columns=8,
+        NumberOfFrames=4,
+        FrameIncrementPointer=0x00181065,
+        FrameTimeVector=["0", "40", "40", "40"],
+        FrameTime="50",
+    )
+    if old:
+        data = path.read_bytes()
+        assert len(old) == len(new) and data.count(old) == 1
+        path.write_bytes(data.replace(old, new))
+    return path
+
+
+def test_non_numeric_frame_time_vector_falls_back_with_warning(tmp_path: Path) -> None:
+    with DicomSource(_header_file(tmp_path, "good.dcm")) as src:
+        assert src.frame_time_s == pytest.approx(0.04)
+    path = _header_file(tmp_path, "ftv.dcm", b"0\\40\\40\\40", b"0\\ab\\40\\40")
+    with pytest.warns(CalibrationWarning, match="ftv.dcm: FrameTimeVector is not numeric"):
+        src = DicomSource(path)
+    with src:
+        assert src.frame_time_s == pytest.approx(0.05)  # FrameTime, the next source
+        assert src.read(3).timestamp_s == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize("value", [b"ab", b"-4", b"0 ", b"2.5 "])
+def test_bad_number_of_frames_is_a_corrupt_source(tmp_path: Path, value: bytes) -> None:
+    tag = b"\x28\x00\x08\x00IS"  # (0028,0008) NumberOfFrames, explicit VR
+    length = len(value).to_bytes(2, "little")
+    path = _write_image(tmp_path / "nof.dcm", bytes(8 * 8 * 4), rows=8, columns=8)
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 4
+    ds.save_as(path)
+    data = path.read_bytes()
+    good = tag + b"\x02\x004 "
+    assert data.count(good) == 1
+    path.write_bytes(data.replace(good, tag + length + value))
+    with pytest.raises(CorruptSourceError, match="nof.dcm: invalid NumberOfFrames"):
+        DicomSource(path)
+
+
+@pytest.mark.parametrize("keyword", ["Rows", "Columns"])
+def test_zero_rows_or_columns_is_a_corrupt_source(tmp_path: Path, keyword: str) -> None:
+    size = {"rows": 8, "columns": 8, keyword.lower(): 0}
+    path = _write_image(tmp_path / "empty.dcm", b"", **size)  # type: ignore[arg-type]
+    with pytest.raises(CorruptSourceError, match=f"empty.dcm: invalid {keyword}"):
+        DicomSource(path)
+
+
+def _cut_points(path: Path) -> dict[str, int]:
+    """Offsets inside the header of ``path``: in the file meta, in a tag, in a value."""
+    with path.open("rb") as f:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+    rows = ds.get_item("Rows").value_tell  # explicit VR, 2-byte length: tag starts 8 before
+    return {"file meta": 140, "mid tag": rows - 8 + 3, "mid value": rows + 1}
+
+
+@pytest.mark.parametrize("where", ["file meta", "mid tag", "mid value"])
+def test_file_cut_inside_header_is_truncated(dicom_dir: Path, tmp_path: Path, where: str) -> None:
+    """pydicom stops quietly at the end of a cut header; that is a truncated file, not one
+    without pixel data."""
+    source = dicom_dir / "US1_UNCR.dcm"
+    cut = _cut_points(source)[where]
+    path = tmp_path / "cut.dcm"
+    path.write_bytes(source.read_bytes()[:cut])
+    with pytest.raises(CorruptSourceError, match="cut.dcm: truncated"):
+        DicomSource(path)
+
+
+def test_file_cut_inside_offset_table_is_truncated(dicom_dir: Path, tmp_path: Path) -> None:
+    with DicomSource(dicom_dir / CINE) as src:
+        pixel_offset = src._pixel_offset
+    path = tmp_path / "cut.dcm"
+    path.write_bytes((dicom_dir / CINE).read_bytes()[: pixel_offset + 6])
+    with pytest.raises(CorruptSourceError, match="cut.dcm: truncated"):
+        DicomSource(path)
 
 
 def test_missing_file(tmp_path: Path) -> None:

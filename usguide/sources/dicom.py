@@ -46,6 +46,10 @@ _TAG_FRAME_TIME_VECTOR = 0x00181065
 _CM_UNITS = 3  # PhysicalUnitsX/YDirection code for centimetres
 _SPATIAL_2D = 1  # RegionSpatialFormat
 _DATA_TISSUE = 1  # RegionDataType
+# Explicit-VR representations whose length field is 4 bytes (PS3.5 7.1.2), not 2.
+_LONG_LENGTH_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
 
 # Transfer syntaxes OpenCV decodes from a frame's bytes, and whether it must match pydicom exactly
 # (lossless) or within IDCT rounding (lossy). OpenCV's OpenJPEG is no faster than pylibjpeg's.
@@ -101,8 +105,12 @@ def regions_from_header(ds: Any, rows: int, columns: int, source: str) -> tuple[
             continue
         x0, y0, x1, y1 = bbox
         note = ""
-        if x1 == columns or y1 == rows:
-            x1, y1 = min(x1, columns - 1), min(y1, rows - 1)
+        # Each axis on its own: an exclusive end on one axis must not hide a bad other one.
+        if x1 == columns:
+            x1 = columns - 1
+            note = "region ends one pixel past the image edge; clipped"
+        if y1 == rows:
+            y1 = rows - 1
             note = "region ends one pixel past the image edge; clipped"
         bbox = (x0, y0, x1, y1)
         problem = _region_problem(item, bbox, rows, columns)
@@ -136,11 +144,14 @@ def _region_problem(item: Any, bbox: tuple[int, ...], rows: int, columns: int) -
     return ""
 
 
-def frame_times_from_header(ds: Any, n_frames: int) -> tuple[float | None, np.ndarray | None]:
+def frame_times_from_header(
+    ds: Any, n_frames: int, source: str = "DICOM header"
+) -> tuple[float | None, np.ndarray | None]:
     """Nominal frame time and per-frame timestamps, in seconds, from a DICOM header.
 
     Order of trust: the attribute FrameIncrementPointer names (FrameTime or FrameTimeVector),
-    then FrameTime, CineRate and RecommendedDisplayFrameRate; else unknown.
+    then FrameTime, CineRate and RecommendedDisplayFrameRate; else unknown. A FrameTimeVector
+    that is not numbers is skipped with a :class:`CalibrationWarning` naming ``source``.
 
     Returns
     -------
@@ -151,9 +162,24 @@ def frame_times_from_header(ds: Any, n_frames: int) -> tuple[float | None, np.nd
     """
     pointer = ds.get("FrameIncrementPointer", None)
     pointers = [int(t) for t in (pointer if isinstance(pointer, Sequence) else [pointer]) if t]
-    vector = ds.get("FrameTimeVector", None)
-    if _TAG_FRAME_TIME_VECTOR in pointers and vector is not None:
-        increments = np.asarray([float(v) for v in vector], dtype=np.float64) / 1000.0
+    increments: np.ndarray | None = None
+    if _TAG_FRAME_TIME_VECTOR in pointers and "FrameTimeVector" in ds:
+        try:
+            # pydicom converts DS values on access, so a bad number can raise here already.
+            vector = ds.FrameTimeVector
+            values = (
+                vector if isinstance(vector, Sequence) and not isinstance(vector, str) else [vector]
+            )
+            increments = np.asarray([float(v) for v in values], dtype=np.float64) / 1000.0
+        except (TypeError, ValueError, OverflowError):
+            # The values themselves are never quoted: header text stays out of messages.
+            warnings.warn(
+                f"{source}: FrameTimeVector is not numeric; frame times taken from the next "
+                "timing attribute",
+                CalibrationWarning,
+                stacklevel=2,
+            )
+    if increments is not None:
         usable = len(increments) == n_frames and np.all(np.isfinite(increments))
         if usable and np.all(increments[1:] > 0):
             # FrameTimeVector[0] is the increment before the first frame, 0 by definition.
@@ -215,7 +241,7 @@ class DicomSource(SeekableSource):
             str(path), spacing_mm=spacing_mm, region=region, detect_region=detect_region
         )
         import pydicom
-        from pydicom.errors import InvalidDicomError
+        from pydicom.errors import BytesLengthException, InvalidDicomError
 
         p = Path(path)
         if not p.is_file():
@@ -238,7 +264,7 @@ class DicomSource(SeekableSource):
             raise CorruptSourceError(
                 path, "not a valid DICOM file (no 'DICM' marker after the 128-byte preamble)"
             ) from e
-        except (EOFError, OSError, ValueError, KeyError, struct.error) as e:
+        except (EOFError, OSError, ValueError, KeyError, struct.error, BytesLengthException) as e:
             self.close()
             raise CorruptSourceError(path, f"truncated or corrupt DICOM header ({e})") from e
         except Exception:
@@ -246,7 +272,11 @@ class DicomSource(SeekableSource):
             raise
         self._ds = ds
         try:
-            self._setup(ds)
+            with warnings.catch_warnings():
+                # pydicom converts values on first access and its warnings quote them; ours
+                # (calibration, timing) still pass.
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+                self._setup(ds)
         except Exception:
             self.close()
             raise
@@ -258,8 +288,15 @@ class DicomSource(SeekableSource):
         tag_pos = self._fp.tell()
         head = self._fp.read(8)
         if len(head) < 8:
+            if head or self._header_cut_short(ds):
+                raise CorruptSourceError(
+                    self.source, "truncated: the file ends inside its header, before any pixel data"
+                )
             sop = getattr(ds.get("SOPClassUID", None), "name", "unknown SOP class")
-            raise NoPixelDataError(self.source, f"no pixel data in this DICOM ({sop})")
+            # A cut exactly between two elements cannot be told from a header-only file.
+            hint = "; the header describes an image, so the file may be truncated"
+            hint = hint if "Rows" in ds and "Columns" in ds else ""
+            raise NoPixelDataError(self.source, f"no pixel data in this DICOM ({sop}){hint}")
         ts = ds.file_meta.get("TransferSyntaxUID", None)
         little = ts is None or ts.is_little_endian
         group, elem = struct.unpack("<HH" if little else ">HH", head[:4])
@@ -268,6 +305,41 @@ class DicomSource(SeekableSource):
             raise UnsupportedFormatError(self.source, f"{kind} is not an ultrasound image")
         implicit = ts is not None and ts.is_implicit_VR
         return tag_pos + (8 if implicit else 12)
+
+    def _header_cut_short(self, ds: Any) -> bool:
+        """True when the file ends part-way through the header.
+
+        pydicom stops quietly at the end of the file, keeping a short last value and skipping a
+        partial tag, so a cut header looks like one that simply holds no pixel data. A complete
+        header ends exactly where its last element does.
+        """
+        assert self._fp is not None
+        size = os.fstat(self._fp.fileno()).st_size
+        tags = list(ds.keys())
+        if not tags:
+            return True  # a file meta and not one whole element after it
+        implicit, little = getattr(ds, "original_encoding", (None, None))
+        implicit, little = bool(implicit), little is not False
+        last = ds.get_item(tags[-1])  # raw where possible: no value conversion, nothing quoted
+        tell = getattr(last, "value_tell", None)
+        tell = getattr(last, "file_tell", None) if tell is None else tell
+        if tell is None:
+            return False
+        length = getattr(last, "length", None)
+        if length is None and not getattr(last, "is_undefined_length", False):
+            # Converted while reading (Specific Character Set): its length is in the file.
+            wide = implicit or str(last.VR) in _LONG_LENGTH_VRS
+            self._fp.seek(tell - (4 if wide else 2))
+            raw = self._fp.read(4 if wide else 2)
+            if len(raw) != (4 if wide else 2):
+                return True
+            length = struct.unpack(("<" if little else ">") + ("I" if wide else "H"), raw)[0]
+        if length is not None and length != 0xFFFFFFFF:
+            return int(tell) + int(length) != size
+        # An undefined-length sequence ends with its delimitation item (FFFE,E0DD), length 0.
+        delimiter = struct.pack("<HHI" if little else ">HHI", 0xFFFE, 0xE0DD, 0)
+        self._fp.seek(max(size - 8, 0))
+        return self._fp.read(8) != delimiter
 
     def _setup(self, ds: Any) -> None:
         from pydicom.pixels import get_decoder
@@ -291,14 +363,21 @@ class DicomSource(SeekableSource):
         self._decoder = decoder
         self._plugin = next((p for p in _PLUGIN_PREFERENCE if p in plugins), "")
         try:
-            self._rows, self._columns = int(ds.Rows), int(ds.Columns)
+            rows, columns = ds.Rows, ds.Columns
             self._samples = int(ds.SamplesPerPixel)
             self._bits_allocated = int(ds.BitsAllocated)
             self._bits_stored = int(ds.get("BitsStored", self._bits_allocated))
             self._photometric = str(ds.PhotometricInterpretation)
+            self._signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
         except (AttributeError, TypeError, ValueError) as e:
             raise CorruptSourceError(self.source, f"image attributes missing ({e})") from e
-        self._n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        self._rows = self._count("Rows", rows)
+        self._columns = self._count("Columns", columns)
+        # An empty NumberOfFrames means one frame; a present but bad one is a corrupt header.
+        n_frames = ds.get("NumberOfFrames", None)
+        self._n_frames = (
+            1 if n_frames is None or n_frames == "" else self._count("NumberOfFrames", n_frames)
+        )
         opts = as_pixel_options(ds)
         opts.update(
             transfer_syntax_uid=ts,
@@ -309,7 +388,7 @@ class DicomSource(SeekableSource):
         self._palette = self._palette_table(ds) if self._photometric == "PALETTE COLOR" else None
         if self._palette is not None:
             self._palette_lut = self._palette.reshape(-1, 1, 3)
-        self._frame_time, self._stamps = frame_times_from_header(ds, self._n_frames)
+        self._frame_time, self._stamps = frame_times_from_header(ds, self._n_frames, self.source)
         self._frame_spans = self._index_frames()
         exact = _OPENCV_SYNTAXES.get(str(ts))
         self._opencv = (
@@ -320,6 +399,19 @@ class DicomSource(SeekableSource):
         self._header_regions = regions_from_header(ds, self._rows, self._columns, self.source)
         # Decode the first frame now: a corrupt file fails at open, not mid-playback.
         self._first = self._read_pixels(0)[0]
+
+    def _count(self, keyword: str, value: Any) -> int:
+        """A header count (Rows, Columns, NumberOfFrames) as an int >= 1, else a typed error."""
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            number = math.nan
+        if not (math.isfinite(number) and number.is_integer() and number >= 1):
+            # Only the keyword is named: header text is never quoted.
+            raise CorruptSourceError(
+                self.source, f"invalid {keyword}: must be a whole number of at least 1"
+            )
+        return int(number)
 
     def _index_frames(self) -> list[list[Span]] | None:
         """Where each frame's bytes lie in the file; checks the file is complete.
@@ -333,6 +425,9 @@ class DicomSource(SeekableSource):
         size = os.fstat(self._fp.fileno()).st_size
         if not self._ts.is_compressed:
             frame_len = self._rows * self._columns * self._samples * self._bits_allocated // 8
+            if self._samples == 3 and self._photometric == "YBR_FULL_422":
+                # Two luma samples share one Cb and one Cr: 2 samples per pixel, not 3.
+                frame_len = frame_len // 3 * 2
             need = self._pixel_offset + frame_len * self._n_frames
             if need > size:
                 raise CorruptSourceError(
@@ -345,6 +440,10 @@ class DicomSource(SeekableSource):
         try:
             encaps.parse_basic_offsets(self._fp)
             n_fragments, offsets = encaps.parse_fragments(self._fp)
+        except struct.error as e:  # the file ends inside the offset table or an item's header
+            raise CorruptSourceError(
+                self.source, "truncated: the file ends inside the compressed pixel data"
+            ) from e
         except (ValueError, EOFError, OSError) as e:
             raise CorruptSourceError(self.source, f"corrupt compressed pixel data ({e})") from e
         items: list[Span] = []
@@ -429,14 +528,46 @@ class DicomSource(SeekableSource):
         dtype = np.dtype(np.uint8 if self._bits_allocated == 8 else "<u2")
         if self._bits_allocated not in (8, 16) or not self._ts.is_little_endian:
             return self._decode_pydicom(index)
-        if self._samples == 3 and (
-            int(self._opts.get("planar_configuration", 0)) != 0 or self._photometric != "RGB"
-        ):
-            return self._decode_pydicom(index)
+        if self._samples == 3:
+            planar = int(self._opts.get("planar_configuration", 0))
+            if planar == 0 and self._photometric == "YBR_FULL_422" and self._bits_allocated == 8:
+                return self._decode_ybr422(index)
+            if planar != 0 or self._photometric != "RGB":
+                return self._decode_pydicom(index)
         shape: tuple[int, ...] = (self._rows, self._columns)
         if self._samples == 3:
             shape = (*shape, 3)
-        return np.frombuffer(self._read_bytes(index), dtype=dtype).reshape(shape)
+        arr = np.frombuffer(self._read_bytes(index), dtype=dtype).reshape(shape)
+        return self._stored_values(arr)
+
+    def _stored_values(self, arr: np.ndarray) -> np.ndarray:
+        """Raw words to stored values: bits above BitsStored dropped (some vendors keep overlays
+        there), and signed data sign-extended from its top stored bit, as pydicom returns it."""
+        bits = arr.dtype.itemsize * 8
+        if not (self._signed or 0 < self._bits_stored < bits):
+            return arr
+        # Shifting the top stored bit into the word's top bit clears the bits above it; an
+        # arithmetic shift back then extends the sign, a logical one leaves zeros.
+        shift = bits - min(max(self._bits_stored, 1), bits)
+        word = np.left_shift(arr, shift, dtype=arr.dtype)
+        if self._signed:
+            word = word.view(np.int8 if bits == 8 else np.int16)
+        return word >> shift
+
+    def _decode_ybr422(self, index: int) -> np.ndarray:
+        """Uncompressed 8-bit YBR_FULL_422 to RGB: each pair of pixels is stored Y Y Cb Cr."""
+        from pydicom.pixels import convert_color_space
+
+        if self._columns % 2:
+            return self._decode_pydicom(index)  # no whole pairs: let pydicom handle the odd case
+        raw = np.frombuffer(self._read_bytes(index), dtype=np.uint8)
+        pairs = raw.reshape(self._rows, self._columns // 2, 4)
+        ybr = np.empty((self._rows, self._columns, 3), dtype=np.uint8)
+        ybr[..., 0] = pairs[..., :2].reshape(self._rows, self._columns)
+        ybr[..., 1] = np.repeat(pairs[..., 2], 2, axis=1)
+        ybr[..., 2] = np.repeat(pairs[..., 3], 2, axis=1)
+        # pydicom's own conversion, so the colours match its decoder exactly.
+        return convert_color_space(ybr, "YBR_FULL", "RGB")
 
     def _decode_pydicom(self, index: int) -> np.ndarray:
         assert self._fp is not None
@@ -464,9 +595,13 @@ class DicomSource(SeekableSource):
                 # cv2.LUT maps each channel through its own column: 9x faster than indexing.
                 return cv2.LUT(cv2.cvtColor(index, cv2.COLOR_GRAY2RGB), self._palette_lut)
             return np.take(self._palette, index, axis=0)
-        if arr.dtype != np.uint8:
+        if arr.dtype != np.uint8 or self._signed:
             shift = max(self._bits_stored - 8, 0)
-            arr = (np.asarray(arr, dtype=np.uint32) >> shift).clip(0, 255).astype(np.uint8)
+            wide = np.asarray(arr, dtype=np.int32 if self._signed else np.uint32)
+            if self._signed:
+                # Stored range [-2^(b-1), 2^(b-1) - 1] onto [0, 2^b - 1]: most negative is black.
+                wide = wide + (1 << (max(self._bits_stored, 1) - 1))
+            arr = (wide >> shift).clip(0, 255).astype(np.uint8)
         if self._photometric == "MONOCHROME1":
             arr = 255 - arr
         return np.ascontiguousarray(arr)
