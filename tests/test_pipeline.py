@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from usguide.demo import DEMO_SPACING_MM, DemoScan
-from usguide.errors import CorruptSourceError
+from usguide.errors import CorruptSourceError, UsguideError
 from usguide.frame import Frame, FrameResult, Region
 from usguide.pipeline import STAGES, Pipeline, run_live, run_playback
 from usguide.sinks import JsonLinesLog, VideoSink
@@ -249,3 +249,29 @@ def test_pipelined_playback_stops_early_and_reports_worker_errors() -> None:
 
     with pytest.raises(RuntimeError, match="grabber unplugged"):
         run_playback(pipeline, broken(), [])
+
+
+def test_a_video_writer_that_cannot_open_reports_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenCV without an mp4 encoder: the error says so, not that NAME.partial.mp4 is missing."""
+
+    class NoEncoder:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def isOpened(self) -> bool:
+            return False
+
+        def release(self) -> None:
+            pass
+
+    monkeypatch.setattr("usguide.sinks.video.cv2.VideoWriter", NoEncoder)
+    frames = [
+        Frame(np.zeros((64, 64), np.uint8), i, None, None, Region.whole(64, 64), "x")
+        for i in range(2)
+    ]
+    video = tmp_path / "o.mp4"
+    with pytest.raises(UsguideError, match="cannot open an mp4 writer"):
+        run_playback(Pipeline(overlay=False), frames, [VideoSink(video)], pipelined=False)
+    assert not video.exists()

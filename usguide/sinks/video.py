@@ -48,12 +48,15 @@ class VideoSink:
         if self._writer is None:
             if self.path.parent != Path():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._size = (w, h)
-            self._writer = cv2.VideoWriter(
+            writer = cv2.VideoWriter(
                 str(self.partial), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h)
             )
-            if not self._writer.isOpened():
+            if not writer.isOpened():
+                # Kept unset: close() must not rename a file that was never written, and
+                # hide this error behind its own.
+                writer.release()
                 raise UsguideError(str(self.path), "cannot open an mp4 writer here (OpenCV/FFmpeg)")
+            self._writer, self._size = writer, (w, h)
             self._bgr = np.empty((h, w, 3), np.uint8)
         assert self._size is not None and self._bgr is not None
         if (w, h) != self._size:
