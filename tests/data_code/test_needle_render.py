@@ -404,6 +404,28 @@ def test_a_bent_shaft_is_drawn_on_its_parabola(bend: float) -> None:
         NeedlePose((0.0, 0.0), (40.0, 0.0), 2.0, bend_px=20.0)
 
 
+@pytest.mark.parametrize("angle_deg", [60.0, 75.0, 80.0])
+def test_a_steep_bent_shaft_is_drawn_whole(angle_deg: float) -> None:
+    """Steep and bent, the centre line leaves the chord's columns and spreads over many rows in
+    one column: every pixel within the shaft's half-width of it is drawn, none is missed."""
+    flat = np.full((500, 500), 60, np.uint8)
+    t = math.radians(angle_deg)
+    entry, length, width, bend = (-0.5, 10.0), 400.0, 8.0, -30.0
+    tip = (entry[0] + length * math.cos(t), entry[1] + length * math.sin(t))
+    pose = NeedlePose(entry, tip, width, None, bend)
+    drawn = render_needle(flat, pose, rng=np.random.default_rng(0), reverb=0, shadow=0).mask
+    # The shaft analytically: within width / 2 of the parabola, between entry and tip.
+    yy, xx = np.mgrid[0:500, 0:500].astype(np.float64)
+    ax, ay = math.cos(t), math.sin(t)
+    nx, ny = -ay, ax
+    u = (xx - entry[0]) * ax + (yy - entry[1]) * ay
+    s = np.clip(u / length, 0.0, 1.0)
+    v = (xx - entry[0]) * nx + (yy - entry[1]) * ny - 4.0 * bend * s * (1.0 - s)
+    expected = (np.abs(v) < 0.5 * width - 0.5) & (u > 1.0) & (u < length - 1.0)
+    assert drawn[expected].mean() == 1.0  # no gap (the fix: 0.34 of it at 75 degrees)
+    assert drawn.sum() <= 1.02 * (np.abs(v) <= 0.5 * width + 0.5)[(u >= 0) & (u <= length)].sum()
+
+
 # --- random poses -------------------------------------------------------------------------------
 
 

@@ -443,19 +443,40 @@ def render_needle(
     # Each component is computed on a band of rows that follows the shaft column by column
     # (a sheared strip), not on the bounding box: most of a diagonal needle's box is empty.
     pad = half_max + ramp_perp + ramp_axial
-    c0 = max(0, math.floor(min(ex, tx) - pad))
-    c1 = min(width - 1, math.ceil(max(ex, tx) + pad))
+    bend = pose.bend_px
+    curve_x = curve_y = None
+    x_lo, x_hi = min(ex, tx), max(ex, tx)
+    if bend:
+        # The bent centre line, densely. Steep and bent, it leaves the chord's columns, and its
+        # rows within one column spread far beyond a straight shaft's.
+        along = np.arange(-pad, length + pad + 0.25, 0.25, dtype=np.float32)
+        off = _sagitta(along, length, bend)
+        curve_x, curve_y = ex + along * ax + off * nx, ey + along * ay + off * ny
+        x_lo, x_hi = min(x_lo, float(curve_x.min())), max(x_hi, float(curve_x.max()))
+    c0 = max(0, math.floor(x_lo - pad))
+    c1 = min(width - 1, math.ceil(x_hi + pad))
     if c0 > c1:
         return result
     cols = np.arange(c0, c1 + 1)
     dx = (cols - ex).astype(np.float32)[None, :]
     y_axis = ey + dx[0] * (ay / ax) if abs(ax) > 1e-6 else np.full(cols.size, ey, np.float32)
     y_lo, y_hi = min(ey, ty), max(ey, ty)
-
-    bend = pose.bend_px
-    # Vertical offset of the bent centre line from the chord, per column.
-    sag = _sagitta(dx[0] / ax, length, bend) / cos_a if abs(ax) > 1e-6 and bend else 0.0
     bow = abs(bend) / cos_a
+
+    def curve_rows(reach: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per column, the first and last row of the bent centre line within ``reach`` px
+        across (the chord's row where it passes no column)."""
+        assert curve_x is not None and curve_y is not None
+        first = np.full(cols.size, np.inf, np.float32)
+        last = np.full(cols.size, -np.inf, np.float32)
+        for shift in range(-math.ceil(reach), math.ceil(reach) + 1):
+            c = np.rint(curve_x + shift).astype(np.int64) - c0
+            ok = (c >= 0) & (c < cols.size)
+            np.minimum.at(first, c[ok], curve_y[ok])
+            np.maximum.at(last, c[ok], curve_y[ok])
+        none = ~np.isfinite(first)
+        first[none], last[none] = y_axis[none], y_axis[none]
+        return first, last
 
     def band(offset: float, half_perp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows ``(n, C)`` around the shaft shifted ``offset`` px down; u, v in that copy (v from
@@ -463,8 +484,14 @@ def render_needle(
         hv = half_perp / cos_a + 1.0
         lo = math.floor(y_lo - bow + offset - half_perp - 3.0)  # 3: the widest axial end ramp
         hi = math.ceil(y_hi + bow + offset + half_perp + 3.0)
-        n = min(math.ceil(2.0 * hv) + 2, hi - lo + 1)
-        top = np.clip(np.floor(y_axis + sag + offset - hv), lo, hi - n + 1).astype(np.int64)
+        if curve_x is None:
+            n = min(math.ceil(2.0 * hv) + 2, hi - lo + 1)
+            top = np.clip(np.floor(y_axis + offset - hv), lo, hi - n + 1).astype(np.int64)
+        else:
+            first, last = curve_rows(half_perp + 1.0)
+            n = min(math.ceil(float((last - first).max()) + 2.0 * half_perp) + 4, hi - lo + 1)
+            top = np.floor(first + offset - half_perp - 1.0)
+            top = np.clip(top, lo, hi - n + 1).astype(np.int64)
         rows = top[None, :] + np.arange(n)[:, None]
         dy = (rows - (ey + offset)).astype(np.float32)
         u = dx * ax + dy * ay
@@ -518,7 +545,10 @@ def render_needle(
     # Per-column shadow (tissue under the visible shaft, cast straight down the beam).
     bg = grey[r0:, c0 : c1 + 1].astype(np.float32)
     if shadow > 0 and abs(ax) > 0.05:
-        onset = y_axis + sag + (half_max + ramp_perp) / cos_a  # below every drawn shaft pixel
+        onset = y_axis + (half_max + ramp_perp) / cos_a  # below every drawn shaft pixel
+        if curve_x is not None:
+            sag = _sagitta(dx[0] / ax, length, bend) / cos_a  # the bend, down each column
+            onset = np.maximum(onset + sag, curve_rows(half_max + ramp_perp + 1.0)[1] + 1.0)
         rows_f = np.arange(r0, height, dtype=np.float32)[:, None]
         ramp = np.clip((rows_f - onset[None, :]) / 3.0, 0.0, 1.0)
         # Soft lateral edges: the beam is ~1 mm wide, so the shadow does not end on a column.
