@@ -251,7 +251,7 @@ def render_injectate(
         )  # fmt: skip
         if out_labels is not None:
             out_labels[y0 : y1 + 1, x0 : x1 + 1] = cv2.remap(
-                labels, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE
+                labels, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101
             )
 
     # Fluid coverage: a linear ramp of width `edge`, exactly 0.5 on the outline.
@@ -447,7 +447,7 @@ def injectate_sequence(
             mask = mask.astype(bool)
             if lab is not None:
                 lab = cv2.warpAffine(lab, matrix, size, flags=cv2.INTER_NEAREST,
-                                     borderMode=cv2.BORDER_REPLICATE)  # fmt: skip
+                                     borderMode=cv2.BORDER_REFLECT_101)  # fmt: skip
         if frame_noise > 0:
             noisy = img[inner].astype(np.float32)
             noisy += rng.standard_normal(noisy.shape).astype(np.float32) * frame_noise
