@@ -113,6 +113,17 @@ def test_two_inputs_with_one_name_are_refused_before_any_work(tmp_path: Path) ->
     assert not out.exists()
 
 
+def test_a_tiff_cine_gives_one_label_map_per_page(tmp_path: Path) -> None:
+    image = cv2.imread(str(SAMPLES / "images" / "0002.png"), cv2.IMREAD_GRAYSCALE)
+    assert cv2.imwritemulti(str(tmp_path / "cine.tif"), [image, image[::-1], image])
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["segment", str(tmp_path / "cine.tif"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.png")) == [f"cine_{i:05d}.png" for i in range(3)]
+    first, flipped = (cv2.imread(str(out / f"cine_{i:05d}.png"), 0) for i in (0, 1))
+    assert first.shape == image.shape and not np.array_equal(first, flipped)
+
+
 def test_labels_never_replace_an_input(tmp_path: Path) -> None:
     folder = tmp_path / "scans"
     folder.mkdir()

@@ -240,14 +240,16 @@ EngineOption = Annotated[
 ]
 
 
-def output_stem(source: Any, frame: Any) -> str:
-    """Label file stem: ``<stem>`` for an image or single-frame file, else ``<stem>_<index>``."""
+def output_stem(source: Any, index: int) -> str:
+    """Label file stem of frame ``index``: ``<stem>`` for an image or single-frame file, else
+    ``<stem>_<index>`` (a page's index for a multi-page TIFF among images)."""
     from pathlib import Path
 
-    stem = Path(frame.source).stem
-    if source.kind == "images" or source.frame_count == 1:
-        return stem
-    return f"{stem}_{frame.index:05d}"
+    if source.kind == "images":
+        file, page, pages = source.page_of(index)
+        return Path(file).stem if pages == 1 else f"{Path(file).stem}_{page:05d}"
+    stem = Path(source.source).stem
+    return stem if source.frame_count == 1 else f"{stem}_{index:05d}"
 
 
 def check_output_names(sources: list[Any], target: Any) -> None:
@@ -261,10 +263,16 @@ def check_output_names(sources: list[Any], target: Any) -> None:
     inputs = {f.resolve() for source in sources for f in files(source)}
     seen: dict[str, Path] = {}
     for source in sources:
-        if source.kind != "images" and source.frame_count != 1:
+        if source.kind == "images":
+            named = [
+                (output_stem(source, i), source.page_of(i)[0]) for i in range(source.frame_count)
+            ]
+        elif source.frame_count == 1:
+            named = [(output_stem(source, 0), Path(source.source))]
+        else:
             continue  # frame names carry their index; clashes are caught as they are written
-        for f in files(source):
-            name = f.stem + ".png"
+        for stem, f in named:
+            name = stem + ".png"
             if name in seen:
                 raise UsguideError(
                     target / name,
@@ -324,7 +332,7 @@ def segment(
                 with source:
                     for frame in source:
                         labels = segmenter(frame)
-                        name = output_stem(source, frame) + ".png"
+                        name = output_stem(source, frame.index) + ".png"
                         if name in written_by:  # a multi-frame source's name met another's
                             raise UsguideError(
                                 target / name,
@@ -415,6 +423,8 @@ def evaluate(
         segmenter = Segmenter(model, engine=engine)
         table = DiceTable()
         source = ImageSource([p for p, _ in pairs])
+        if source.frame_count != len(pairs):
+            raise UsguideError(images, "a multi-page TIFF has one mask per page, not per file")
         with make_progress() as bar, source:
             task = bar.add_task("evaluating", total=len(pairs))
             for frame, (_, mask_path) in zip(source, pairs, strict=True):

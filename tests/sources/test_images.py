@@ -126,13 +126,19 @@ def test_sixteen_bit_images_keep_their_contrast(tmp_path: Path) -> None:
     assert np.array_equal(read_image(tmp_path / "sixteen.png"), (full >> 8).astype(np.uint8))
 
 
-def test_multi_page_tiff_is_refused_not_cut_to_its_first_page(tmp_path: Path) -> None:
+def test_every_page_of_a_tiff_is_a_frame(tmp_path: Path) -> None:
+    """A TIFF cine is read page by page; before, only its first page was read."""
     pages = [np.full((16, 16), 40 * i, np.uint8) for i in range(3)]
     assert cv2.imwritemulti(str(tmp_path / "cine.tif"), pages)
+    assert cv2.imwrite(str(tmp_path / "b.png"), np.full((16, 16), 200, np.uint8))
+    with ImageSource(tmp_path) as source:
+        assert source.frame_count == 4
+        assert [int(f.pixels[0, 0]) for f in source] == [200, 0, 40, 80]
+        assert source.page_of(3) == (tmp_path / "cine.tif", 2, 3)
+        assert int(source.read(2).pixels[0, 0]) == 40  # random access to a page
     with pytest.raises(UnsupportedFormatError, match="cine.tif: a TIFF of 3 pages"):
-        ImageSource(tmp_path / "cine.tif")
-    assert cv2.imwrite(str(tmp_path / "one.tif"), pages[1])
-    assert int(read_image(tmp_path / "one.tif")[0, 0]) == 40
+        read_image(tmp_path / "cine.tif")  # one image asked for: never silently page 0
+    assert int(read_image(tmp_path / "cine.tif", page=2)[0, 0]) == 80
 
 
 def test_a_folder_says_which_entries_it_does_not_read(tmp_path: Path) -> None:

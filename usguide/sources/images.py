@@ -22,6 +22,7 @@ from usguide.frame import Frame, Region
 from usguide.sources.base import BBox, SeekableSource
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+_TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 _DIGITS = re.compile(r"(\d+)")
 
 
@@ -61,32 +62,54 @@ def _warn_skipped(folder: Path, images: list[Path]) -> None:
         )
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+def page_count(path: str | os.PathLike[str]) -> int:
+    """Pages in an image file: a TIFF may hold a cine, one frame per page; other types hold one.
+    An unreadable file counts one (reading it then names the problem)."""
+    if Path(path).suffix.lower() not in _TIFF_SUFFIXES:
+        return 1
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return max(1, int(getattr(im, "n_frames", 1)))
+    except (UnidentifiedImageError, OSError, ValueError):
+        return 1
+
+
+def read_image(path: str | os.PathLike[str], page: int | None = None) -> np.ndarray:
     """Read an image file as uint8 ``(H, W)`` grey or ``(H, W, 3)`` RGB.
 
     16-bit images are scaled to 8 bits by the bits their values use (12-bit data stored in 16
     bits keeps its contrast), alpha is dropped, palette images become RGB.
 
+    Parameters
+    ----------
+    page : int, optional
+        The page of a multi-page TIFF (from 0). Without it, a file of several pages is refused
+        rather than cut to its first (:class:`ImageSource` reads every page as a frame).
+
     Raises
     ------
     SourceNotFoundError, CorruptSourceError, UnsupportedFormatError
-        Also for a TIFF of several pages, which this reader would cut to its first.
     """
     p = Path(path)
     if not p.is_file():
         raise SourceNotFoundError(path, "no such file")
-    data = np.fromfile(p, dtype=np.uint8)  # np.fromfile + imdecode copes with non-ASCII paths
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    pages = page_count(p)
+    if page is None and pages > 1:
+        raise UnsupportedFormatError(
+            path, f"a TIFF of {pages} pages: read it as a sequence (ImageSource), one frame a page"
+        )
+    if page:  # a later page of a TIFF cine: OpenCV reads it alone
+        if not 0 <= page < pages:
+            raise ValueError(f"{path}: page {page} of a file of {pages} pages")
+        ok, mats = cv2.imreadmulti(str(p), start=page, count=1, flags=cv2.IMREAD_UNCHANGED)
+        image = mats[0] if ok and mats else None
+    else:
+        data = np.fromfile(p, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII paths too
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
         raise CorruptSourceError(path, "image cannot be decoded (corrupt or not an image)")
-    if p.suffix.lower() in (".tif", ".tiff"):
-        ok, pages = cv2.imdecodemulti(data, cv2.IMREAD_UNCHANGED)
-        if ok and len(pages) > 1:
-            raise UnsupportedFormatError(
-                path,
-                f"a TIFF of {len(pages)} pages; usguide reads one frame per image file "
-                "(save the pages as separate images, or the cine as DICOM or video)",
-            )
     if image.dtype == np.uint16:
         # A fixed >> 8 turns data of 12 bits or fewer nearly black.
         shift = max(0, int(image.max()).bit_length() - 8)
@@ -104,8 +127,9 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
 class ImageSource(SeekableSource):
     """Frames from image files: a single file, a folder (natural order) or a list of paths.
 
-    Images in one folder may differ in size; a frame whose size differs from the first image's
-    gets its own imaging region (detected in its pixels, or the whole image).
+    Every page of a multi-page TIFF is a frame, in page order. Images in one folder may differ
+    in size; a frame whose size differs from the first image's gets its own imaging region
+    (detected in its pixels, or the whole image).
 
     Parameters
     ----------
@@ -154,8 +178,10 @@ class ImageSource(SeekableSource):
         if frame_time_s is not None and not frame_time_s > 0:
             raise ValueError(f"frame_time_s must be positive, got {frame_time_s}")
         self.files: list[Path] = files
+        # (file, page, pages in the file) of each frame.
+        self._pages = [(f, k, n) for f in files for n in [page_count(f)] for k in range(n)]
         self._frame_time = frame_time_s
-        first = read_image(files[0])
+        first = read_image(files[0], page=0)
         self._first = first
         self._shape = (int(first.shape[0]), int(first.shape[1]))
         self.encoding = ", ".join(sorted({f.suffix.lower().lstrip(".") for f in files}))
@@ -163,7 +189,11 @@ class ImageSource(SeekableSource):
 
     @property
     def frame_count(self) -> int:
-        return len(self.files)
+        return len(self._pages)
+
+    def page_of(self, index: int) -> tuple[Path, int, int]:
+        """The file frame ``index`` comes from, its page there, and how many pages it has."""
+        return self._pages[index]
 
     @property
     def frame_time_s(self) -> float | None:
@@ -180,14 +210,15 @@ class ImageSource(SeekableSource):
         return self._first
 
     def _read_pixels(self, index: int) -> tuple[np.ndarray, float | None]:
-        pixels = self._first if index == 0 else read_image(self.files[index])
+        file, page, _ = self._pages[index]
+        pixels = self._first if index == 0 else read_image(file, page=page)
         stamp = index * self._frame_time if self._frame_time is not None else None
         return pixels, stamp
 
     def make_frame(self, index: int, pixels: np.ndarray, timestamp_s: float | None) -> Frame:
         """As the base, but each frame names its own file, and a differently sized image gets
         its own region (a rectangle from the first image would not fit it)."""
-        source = str(self.files[index])
+        source = str(self._pages[index][0])
         if pixels.shape[:2] == self._shape:
             return replace(super().make_frame(index, pixels, timestamp_s), source=source)
         rows, columns = pixels.shape[:2]
