@@ -54,6 +54,32 @@ def test_tiny_training_run_exports_a_working_model(tmp_path: Path) -> None:
     assert (tmp_path / "model" / "metadata.json").exists()
 
 
+def test_a_training_split_smaller_than_a_batch_is_refused_before_training(
+    tmp_path: Path,
+) -> None:
+    mirror = tmp_path / "mirror"
+    shutil.copytree(SAMPLES, mirror / "usgra-seg")
+    config = TrainConfig(
+        input_size=(64, 64),
+        epochs=1,
+        batch_size=8,
+        max_samples=3,
+        datasets=("usgra-seg",),
+        data_root=str(mirror),
+        out=str(tmp_path / "model"),
+    )
+    with pytest.raises(ValueError, match="training split holds 3 samples, .*batch_size = 8"):
+        train(config, log=lambda _: None)
+    assert not (tmp_path / "model").exists()  # no model of starting weights
+
+
+def test_train_checks_settings_changed_after_the_config_was_built(tmp_path: Path) -> None:
+    config = TrainConfig(out=str(tmp_path / "model"))
+    config.epochs = 0
+    with pytest.raises(ValueError, match="^epochs: expected a value >= 1, got 0$"):
+        train(config, log=lambda _: None)
+
+
 def test_needle_settings_reach_the_renders(tmp_path: Path) -> None:
     from usguide.training.train import Prepared, with_needle
 

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
-import tomllib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,77 +23,10 @@ from usguide.data.needle_render import NEEDLE_BRIGHTNESS
 from usguide.labels import CLASS_NAMES, NEEDLE
 from usguide.segment import normalise
 
+# The settings live in a torch-free module (checked before torch loads); imported from here too.
+from usguide.training.config import TrainConfig
+
 Log = Callable[[str], None]
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; read from a TOML file by :meth:`from_toml`."""
-
-    seed: int = 0
-    # The validation split and its needle renders follow split_seed (the seed when unset), so a
-    # run with another seed is chosen and compared on the same images.
-    split_seed: int | None = None
-    input_size: tuple[int, int] = (256, 256)
-    epochs: int = 60
-    batch_size: int = 8
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    dice_weight: float = 1.0
-    needle_probability: float = 0.5
-    # Shortest rendered shaft and the angles of rendered needles to the probe surface (1.4.0
-    # drew 5-60 degrees, see models/usguide-seg/train.toml; the card lists what was tried).
-    needle_min_length_mm: float = 8.0
-    needle_angle_range_deg: tuple[float, float] = (10.0, 60.0)
-    # Vary the rendered needles' brightness, reverberation and shadow (on for 1.4.0), the
-    # brightness over this range (a faint needle in bright muscle has little contrast).
-    needle_varied_look: bool = False
-    needle_brightness_range: tuple[float, float] = NEEDLE_BRIGHTNESS
-    # Share of training images given an anechoic fluid pocket (injectate, hydrodissection),
-    # mostly beside a nerve, labelled background: fluid next to a nerve is not nerve.
-    injectate_probability: float = 0.0
-    # Share of training images shown as a convex probe pressed on the same skin displays them
-    # (usguide.data.augment.convex_view_pair: in a fan, black beside it), so that the fan's edges
-    # and its curved skin line are learnt as no needle and no fascia. Needles are rendered after
-    # the conversion: they stay straight. Tried for 1.5.0 and not shipped (see the model card).
-    sector_probability: float = 0.0
-    val_fraction: float = 0.2
-    datasets: tuple[str, ...] = ("usgra-seg", "dltrack-apo")
-    channels: tuple[int, int, int, int] = (16, 32, 64, 128)
-    depth: tuple[int, int, int, int] = (1, 2, 3, 3)
-    normalisation: dict[str, Any] = field(default_factory=lambda: {"mode": "zscore"})
-    data_root: str | None = None
-    out: str = "models/usguide-seg"
-    name: str = "usguide-seg"
-    version: str = "1.0.0"
-    threads: int = 2
-    max_samples: int | None = None  # small runs (tests, smoke checks)
-    quantize: bool = True
-
-    @classmethod
-    def from_toml(cls, path: str | os.PathLike[str]) -> TrainConfig:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {unknown}")
-        for key in (
-            "input_size",
-            "datasets",
-            "channels",
-            "depth",
-            "needle_angle_range_deg",
-            "needle_brightness_range",
-        ):
-            if key in raw:
-                raw[key] = tuple(raw[key])
-        return cls(**raw)
-
-    @property
-    def validation_seed(self) -> int:
-        """Seed of the train/validation split and of the validation needle renders."""
-        return self.seed if self.split_seed is None else self.split_seed
 
 
 @dataclass
@@ -310,9 +241,16 @@ def train(config: TrainConfig, log: Log = print) -> Path:
     from usguide.training.loss import marginal_cross_entropy, soft_dice_loss
     from usguide.training.model import SegNet
 
+    config.validate()  # settings changed since it was built (the CLI's --data and --out)
     torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     train_set, val_set = load_samples(config, log)
+    if len(train_set) < config.batch_size:
+        # Only whole batches are trained: the run would export its starting weights.
+        raise ValueError(
+            f"the training split holds {len(train_set)} samples, fewer than batch_size = "
+            f"{config.batch_size}: no batch would be trained (lower batch_size or add data)"
+        )
     val_full = validation_set(val_set, config.validation_seed, config.input_size)
     model = SegNet(len(CLASS_NAMES), config.channels, config.depth)
     optimiser = torch.optim.AdamW(
