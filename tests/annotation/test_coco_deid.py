@@ -61,3 +61,48 @@ def test_safe_label() -> None:
     assert safe_label("/data/x/doe_scan.dcm", ids) == safe_label("/data/x/doe_scan.dcm", ids)
     assert safe_label("device:0") == "device-0"
     assert safe_label("").startswith("source-")
+
+
+def test_a_dicom_source_is_always_a_pseudonym() -> None:
+    # Scanner names carry UIDs, dates and IDs glued to letters that no search recognises.
+    for name in ("/d/1.2.826.0.1.3680043.2.1143.77.dcm", "/d/20190124_scan.dcm", "/d/pt204.dcm"):
+        label = safe_label(name, {"204": "PatientID"}, dicom=True)
+        assert label.startswith("source-") and label == safe_label(name, dicom=True)
+    assert safe_label("/d/CitizenJan.dcm", dicom=True).startswith("source-")
+    assert safe_label("/d/clip 01.mp4") == "clip-01"  # other sources keep their stem
+
+
+def test_instance_uids_are_identifiers() -> None:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.4.5", "1.2.3.4.6"
+    ds.SOPInstanceUID, ds.FrameOfReferenceUID = "1.2.3.4.7", "1.2.3.4.8"
+    ids = dicom_identifiers(ds)
+    assert set(ids.values()) >= {
+        "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"
+    }  # fmt: skip
+    assert check_text("scan-1.2.3.4.7", ids) == "SOPInstanceUID"
+
+
+def test_json_is_searched_in_its_string_values_only(tmp_path) -> None:
+    import json
+
+    from usguide.annotation.deid import DeidentificationError, check_files
+
+    ids = {"204": "PatientID", "NAME": "PatientName"}
+    labels = np.zeros((210, 300), np.uint8)
+    labels[:, 10:214] = 1  # 204 px wide: a bbox, an area and RLE runs of 204 and 210 * 204
+    coco = to_coco([("images/a.png", labels, None, {"frame_index": 204})])
+    assert isinstance(coco["annotations"][0]["segmentation"]["counts"], list)  # ints, no string
+    assert 204.0 in coco["annotations"][0]["bbox"]
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps(coco))  # keys hold "name", numbers 204
+    check_files([path], ids)
+    path.write_text(json.dumps({"frames": [{"annotator": "pt 204"}]}))
+    with pytest.raises(DeidentificationError, match="PatientID"):
+        check_files([path], ids)
+    csv = tmp_path / "splits.csv"  # other text files are still searched whole
+    csv.write_text("key,frame\na,204\n")
+    with pytest.raises(DeidentificationError, match="PatientID"):
+        check_files([csv], ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +251,146 @@ def test_tips_are_undone_with_the_labels_they_were_set_with() -> None:
     assert aset.set_tip(key, None)
     assert aset[key].tip_xy is None
     assert aset.undo() == "tip" and aset[key].tip_xy == (29.5, 14.0)
+
+
+def test_a_dicom_source_is_labelled_by_pseudonym_whatever_its_name(tmp_path: Path) -> None:
+    import pydicom
+
+    from tests.annotation.conftest import write_identified_dicom
+
+    first = write_identified_dicom(tmp_path / "first.dcm", frames=1)
+    uids = pydicom.dcmread(first, stop_before_pixels=True)
+    uid = uids.SOPInstanceUID
+    # PACS names, dates and IDs glued to letters: no search of the header finds them.
+    for stem in (uid, "20240117_scan", "ptPID8675309", "DoelittleJaneway"):
+        path = first.rename(tmp_path / f"{stem}.dcm")
+        aset = annotated_from_dicom(path)
+        out = aset.export(tmp_path / "ds", dicom_seg=True)  # the SEG copies no source UID
+        names = [str(p.relative_to(out)) for p, _ in all_bytes(out)]
+        manifest = json.loads((out / MANIFEST).read_text())
+        assert all(e["source"].startswith("source-") for e in manifest["frames"])
+        coco = json.loads((out / "coco.json").read_text())
+        for text in (*names, *(i["file_name"] for i in coco["images"])):
+            assert stem.lower() not in text.lower() and "8675309" not in text
+        for _, data in all_bytes(out):
+            assert uid.encode() not in data and uids.StudyInstanceUID.encode() not in data
+        first = path
+    # Other sources keep their stem.
+    aset = AnnotationSet()
+    assert aset.add_image(speckle((20, 20)), source="/v/clip 01.mp4", frame_index=0) == (
+        "clip-01_00000"
+    )
+
+
+def test_a_numeric_id_or_a_name_in_json_keys_does_not_stop_an_export(tmp_path: Path) -> None:
+    import pydicom
+
+    from tests.annotation.conftest import write_identified_dicom
+
+    path = write_identified_dicom(tmp_path / "scan.dcm", frames=1)
+    ds = pydicom.dcmread(path)
+    ds.PatientID, ds.PatientName = "204", "Name^Doelittle"  # "name": a key of COCO and SEG
+    ds.save_as(path)
+    aset = AnnotationSet("a")
+    with open_source(path) as source:
+        key = aset.add_frame(next(iter(source)))
+    labels = np.zeros_like(aset[key].labels)
+    labels[REGION[1] + 5 : REGION[1] + 17, REGION[0] + 5 : REGION[0] + 22] = NERVE  # area 204
+    aset.set_labels(key, labels)
+    out = aset.export(tmp_path / "ds")
+    coco = json.loads((out / "coco.json").read_text())
+    assert coco["annotations"][0]["area"] == 204
+    aset.annotator = "pt 204"  # a string value is still searched
+    aset.set_labels(key, np.zeros_like(labels))
+    with pytest.raises(DeidentificationError, match="PatientID"):
+        aset.export(tmp_path / "ds")
+
+
+def test_an_export_refuses_a_dataset_folder_holding_the_users_files(tmp_path: Path) -> None:
+    from usguide.annotation import ForeignFilesError
+
+    aset = AnnotationSet("a")
+    for i in range(3):
+        aset.add_image(speckle((40, 60), i), source="scan.png", frame_index=i)
+    out = aset.export(tmp_path / "ds")
+    (out / "splits.csv").write_text("key,split\n")
+    (out / "reviews").mkdir()
+    (out / "reviews" / "notes.txt").write_text("frame 2 checked\n")
+    (out / "images" / "mine.png").write_bytes(b"not the export's")
+    before = {p.relative_to(out): data for p, data in all_bytes(out)}
+    with pytest.raises(ForeignFilesError, match=r"images/mine\.png, reviews, splits\.csv") as info:
+        aset.export(out)
+    assert isinstance(info.value, FileExistsError) and str(out) in str(info.value)
+    assert {p.relative_to(out): data for p, data in all_bytes(out)} == before
+    assert not list(tmp_path.glob(".ds.*"))
+    (out / "splits.csv").unlink()
+    (out / "images" / "mine.png").unlink()
+    shutil.rmtree(out / "reviews")
+    assert aset.export(out, keys=aset.keys()[:1]) == out  # its own files only: replaced
+    assert len(AnnotationDataset(out)) == 1
+
+
+def test_an_export_through_a_linked_folder_keeps_the_link(tmp_path: Path) -> None:
+    aset = AnnotationSet("a")
+    aset.add_image(speckle((30, 40)), source="scan.png", frame_index=0)
+    real = aset.export(tmp_path / "real")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    for n in (2, 3):  # again and again
+        aset.add_image(speckle((30, 40), n), source="scan.png", frame_index=n)
+        assert aset.export(link) == link
+        assert link.is_symlink() and link.resolve() == real
+        assert len(AnnotationDataset(real)) == len(aset)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_replacing_a_frame_forgets_its_undo_steps() -> None:
+    aset = AnnotationSet("a")
+    key = aset.add_image(np.zeros((100, 100), np.uint8), source="scan.dcm", frame_index=0)
+    labels = np.zeros((100, 100), np.uint8)
+    labels[60:90, 60:90] = NERVE
+    aset.set_labels(key, labels)
+    # A smaller frame under the same key: the step would not fit it.
+    assert aset.add_image(np.zeros((50, 50), np.uint8), source="scan.dcm", frame_index=0) == key
+    assert aset.undo() is None and not aset[key].labels.any()
+    # Same size: the step would write the old frame's labels into the new one's.
+    aset.set_labels(key, np.full((50, 50), VESSEL, np.uint8))
+    aset.add_image(np.zeros((50, 50), np.uint8), source="scan.dcm", frame_index=0,
+                   labels=np.full((50, 50), NERVE, np.uint8))  # fmt: skip
+    assert aset.undo() is None and (aset[key].labels == NERVE).all()
+
+
+def test_a_reopened_recording_gets_its_label_back(tmp_path: Path, identified_dicom) -> None:
+    aset = AnnotationSet("a")
+    with open_source(identified_dicom) as source:
+        frames = list(source)
+    first = aset.add_frame(frames[0], blob_labels(frames[0].pixels.shape[:2], REGION))
+    out = aset.export(tmp_path / "ds")
+    again = AnnotationSet.load(out, "b")
+    keys = [again.add_frame(frame) for frame in frames]  # the whole recording, frame 0 again
+    assert keys[0] == first and again.keys() == keys
+    # Frame 0 is the source frame again, with the labels it had (added once more: the same).
+    np.testing.assert_array_equal(again[first].labels, aset[first].labels)
+    assert again.add_frame(frames[0]) == first
+    np.testing.assert_array_equal(again[first].labels, aset[first].labels)
+    assert again[first].annotator == "a"
+    assert again.following(first, 5) == keys[1:]
+    again.export(out)
+    dataset = AnnotationDataset(out)
+    assert len(dataset) == 3 and len(set(dataset.groups)) == 1
+
+
+def test_labels_outside_the_classes_are_refused() -> None:
+    aset = AnnotationSet("a")
+    key = aset.add_image(np.zeros((20, 20), np.uint8), source="s", frame_index=0)
+    for value, dtype in ((260, np.int32), (N_CLASSES, np.uint8), (-1, np.int16), (1, float)):
+        labels = np.zeros((20, 20), dtype)
+        labels[2:5, 2:5] = value
+        with pytest.raises(ValueError, match=key):
+            aset.set_labels(key, labels)
+        with pytest.raises(ValueError, match="s_00001"):
+            aset.add_image(np.zeros((20, 20), np.uint8), source="s", frame_index=1, labels=labels)
+    assert not aset[key].labels.any() and not aset.history.can_undo and len(aset) == 1
+    labels = np.zeros((20, 20), np.int64)
+    labels[2:5, 2:5] = NEEDLE
+    assert aset.set_labels(key, labels) and aset[key].labels.dtype == np.uint8

@@ -66,3 +66,34 @@ def test_step_count_is_bounded() -> None:
         history.record(str(k), [diff("a", a, b)])
     arrays = {"a": a.copy()}
     assert [history.undo(arrays) for _ in range(4)] == ["4", "3", "2", None]
+
+
+def test_forget_drops_the_changes_of_replaced_arrays() -> None:
+    arrays = {"a": np.zeros((4, 4), np.uint8), "b": np.zeros((4, 4), np.uint8)}
+    history = History()
+    new = np.ones((4, 4), np.uint8)
+    history.record("a only", [diff("a", arrays["a"], new)])
+    history.record("both", [diff("a", arrays["a"], new), diff("b", arrays["b"], new)])
+    history.forget(["a"])
+    arrays["b"][...] = new
+    assert history.undo(arrays) == "both"  # what is left of it: b
+    assert not arrays["b"].any()
+    assert history.undo(arrays) is None  # "a only" went with a
+
+
+def test_a_step_that_does_not_fit_is_refused_and_kept() -> None:
+    import pytest
+
+    a = np.zeros((100, 100), np.uint8)
+    b = a.copy()
+    b[60:90, 60:90] = 1
+    history = History()
+    history.record("edit", [diff("a", a, b)])
+    small = {"a": np.full((50, 50), 3, np.uint8)}
+    with pytest.raises(ValueError, match="does not fit"):
+        history.undo(small)
+    assert (small["a"] == 3).all() and history.can_undo  # nothing written, step kept
+    assert history.undo({"a": b}) == "edit" and not b.any()
+    with pytest.raises(ValueError, match="does not fit"):
+        history.redo({})
+    assert history.can_redo

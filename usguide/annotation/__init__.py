@@ -18,6 +18,7 @@ from usguide.annotation.dataset import (
     AnnotatedFrame,
     AnnotationDataset,
     AnnotationSet,
+    ForeignFilesError,
     is_annotation_dataset,
 )
 from usguide.annotation.deid import DeidentificationError
@@ -30,6 +31,7 @@ __all__ = [
     "AnnotationDataset",
     "AnnotationSet",
     "DeidentificationError",
+    "ForeignFilesError",
     "History",
     "is_annotation_dataset",
     "propagate_labels",

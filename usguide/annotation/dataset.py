@@ -7,24 +7,26 @@ neighbouring frame (:meth:`~AnnotationSet.propagate`); every such change can be 
 
 :meth:`AnnotationSet.export` writes a folder::
 
-    <out>/usguide-dataset.json   manifest: source label, frame index, timestamp, spacing, region,
-                                 tip, annotator, time; the classes each frame labels
+    <out>/usguide-dataset.json   manifest: source label and key, frame index, timestamp, spacing,
+                                 region, tip, annotator, time; the classes each frame labels
     <out>/images/<key>.png       the frame cropped to its imaging region (no burned-in text)
     <out>/masks/<key>.png        palette PNG whose indices are the class indices
     <out>/coco.json              COCO: masks as RLE, needle tips as key points
     <out>/dicom/<key>_image.dcm  (optional) a new single-frame US image of the crop, and
     <out>/dicom/<key>_seg.dcm    its DICOM SEG
 
-It is de-identified (no header is copied; source labels are file stems, pseudonymised when they
-hold an identifying value; every file is searched for the source's identifying values before it
-is published) and atomic (written to a hidden sibling folder, then swapped in by renames; until
-the swap the previous dataset is untouched). :meth:`AnnotationSet.load` re-opens it for more
-annotation, and :class:`AnnotationDataset` reads it for training (``usguide train`` takes the
-folder's path in its ``datasets`` list).
+It is de-identified (no header is copied; a DICOM source's label is a pseudonym, another
+source's its file stem, pseudonymised when it holds an identifying value; every file is searched
+for the source's identifying values before it is published) and atomic (written to a hidden
+sibling folder, then swapped in by renames; until the swap the previous dataset is untouched). It
+replaces only a previous export: a folder holding anything else is refused, never emptied.
+:meth:`AnnotationSet.load` re-opens it for more annotation, and :class:`AnnotationDataset` reads
+it for training (``usguide train`` takes the folder's path in its ``datasets`` list).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -45,6 +47,7 @@ from usguide._version import __version__
 from usguide.annotation import deid
 from usguide.annotation.history import History, diff
 from usguide.annotation.propagate import FlowMethod, propagate_labels
+from usguide.errors import UsguideError
 from usguide.frame import Frame, Region
 from usguide.labels import CLASS_COLOURS, CLASS_NAMES, N_CLASSES
 
@@ -54,6 +57,7 @@ __all__ = [
     "AnnotatedFrame",
     "AnnotationDataset",
     "AnnotationSet",
+    "ForeignFilesError",
     "is_annotation_dataset",
 ]
 
@@ -66,6 +70,10 @@ Point = tuple[float, float]
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class ForeignFilesError(UsguideError, FileExistsError):
+    """The export's folder holds files or folders no export wrote; replacing it would lose them."""
 
 
 @dataclass(eq=False)  # eq=False: == on arrays has no single truth value
@@ -171,6 +179,9 @@ class AnnotationSet:
         # In memory only: identifying header values of the sources, to check exports against.
         self._identifiers: dict[str, str] = {}
         self._labels_by_source: dict[str, str] = {}
+        # Source key (:func:`_source_key`, written to the manifest) -> label: a recording added
+        # again, in this session or after a load, gets its label again.
+        self._labels_by_key: dict[str, str] = {}
 
     # -- contents ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -194,19 +205,30 @@ class AnnotationSet:
         self._identifiers.update(identifiers)
 
     def source_label(self, source: str) -> str:
-        """The safe label of a source (a path ...), reading a DICOM file's identifiers once."""
+        """The safe label of a source (a path ...), reading a DICOM file's identifiers once.
+
+        A DICOM file's label is a pseudonym whatever its name; a recording already held (also
+        one re-opened with :meth:`load`) keeps its label.
+        """
         if source in self._labels_by_source:
             return self._labels_by_source[source]
         from usguide.sources import is_dicom_file
 
-        if source and is_dicom_file(source):
+        # As open_source decides: a file is read as DICOM when it carries the DICM marker.
+        dicom = bool(source) and is_dicom_file(source)
+        if dicom:
             self.add_identifiers(deid.dicom_identifiers(source))
-        label = deid.safe_label(source, self._identifiers)
-        taken = set(self._labels_by_source.values())
-        base, n = label, 2
-        while label in taken:  # two files of one name in different folders
-            label, n = f"{base}-{n}", n + 1
+        key = _source_key(source)
+        label = self._labels_by_key.get(key)
+        if label is None:
+            label = deid.safe_label(source, self._identifiers, dicom=dicom)
+            taken = set(self._labels_by_key.values()) | {f.source for f in self.frames.values()}
+            base, n = label, 2
+            while label in taken:  # two files of one name in different folders
+                label, n = f"{base}-{n}", n + 1
+            self._labels_by_key[key] = label
         self._labels_by_source[source] = label
+        self._labels_by_source.setdefault(label, label)  # add_image(source=<a label>) is that one
         return label
 
     def add_frame(
@@ -216,13 +238,14 @@ class AnnotationSet:
 
         The imaging region and calibration come from the frame (the whole frame when its
         region is invalid). A DICOM source's identifying values are read for the export check.
+        See :meth:`add_image` for a frame already held.
         """
         region = (
             frame.region.bbox if frame.region.valid else Region.whole(*frame.pixels.shape[:2]).bbox
         )
-        return self.add_image(
+        return self._put(
             frame.pixels,
-            source=self.source_label(frame.source),
+            label=self.source_label(frame.source),
             frame_index=frame.index,
             region=region,
             spacing_mm=frame.region_spacing_mm,
@@ -243,12 +266,46 @@ class AnnotationSet:
         labels: np.ndarray | None = None,
         tip_xy: Point | None = None,
     ) -> str:
-        """Add (or replace) a frame given as an array; ``source`` is made a safe label."""
+        """Add (or replace) a frame given as an array; ``source`` is made a safe label
+        (:meth:`source_label`); returns its key.
+
+        A frame already held under the key is replaced and its undo steps are forgotten. Given
+        no ``labels``, the new frame keeps the old one's labels and tip when they fit it (same
+        size and region, or a re-opened frame's crop at the region it was cut from); otherwise
+        it starts as background.
+        """
+        return self._put(
+            image,
+            label=self.source_label(source),
+            frame_index=frame_index,
+            region=region,
+            spacing_mm=spacing_mm,
+            timestamp_s=timestamp_s,
+            labels=labels,
+            tip_xy=tip_xy,
+        )
+
+    def _put(
+        self,
+        image: np.ndarray,
+        *,
+        label: str,
+        frame_index: int,
+        region: BBox | None,
+        spacing_mm: tuple[float, float] | None,
+        timestamp_s: float | None,
+        labels: np.ndarray | None,
+        tip_xy: Point | None,
+    ) -> str:
+        """Add or replace the frame of a source already labelled (see :meth:`add_image`)."""
         h, w = image.shape[:2]
+        key = f"{label}_{int(frame_index):05d}"
         frame = AnnotatedFrame(
             image=np.array(image, np.uint8, copy=True),
-            labels=np.zeros((h, w), np.uint8) if labels is None else np.array(labels, np.uint8),
-            source=deid.safe_label(source, self._identifiers),
+            labels=np.zeros((h, w), np.uint8)
+            if labels is None
+            else _valid_labels(key, labels, (h, w)).copy(),
+            source=label,
             frame_index=int(frame_index),
             region=tuple(int(v) for v in region) if region is not None else (0, 0, w - 1, h - 1),  # type: ignore[arg-type]
             spacing_mm=tuple(float(v) for v in spacing_mm) if spacing_mm else None,  # type: ignore[arg-type]
@@ -257,8 +314,14 @@ class AnnotationSet:
             annotator=self.annotator,
             labelled=self.labelled,
         )
-        self.frames[frame.key] = frame
-        return frame.key
+        old = self.frames.get(key)
+        if old is not None:
+            if labels is None:
+                _carry_over(old, frame)
+            # Steps recorded on the old frame would write its rectangles into the new one.
+            self.history.forget([key, _tip_key(key)])
+        self.frames[key] = frame
+        return key
 
     # -- editing ----------------------------------------------------------------------------
     def _touch(self, key: str) -> None:
@@ -274,6 +337,8 @@ class AnnotationSet:
         tips: Mapping[str, Point | None] | None = None,
     ) -> list[str]:
         """Write new label maps in place, and tips, as one undo step; the keys that changed."""
+        # Every map checked before anything changes: a bad one leaves no half-made step.
+        new = {k: _valid_labels(k, v, self.frames[k].labels.shape) for k, v in new.items()}
         changes = []
         for key, tip in (tips or {}).items():
             tip = (float(tip[0]), float(tip[1])) if tip is not None else None
@@ -284,9 +349,6 @@ class AnnotationSet:
                 changes.append(change)
         for key, labels in new.items():
             current = self.frames[key].labels
-            labels = np.asarray(labels)
-            if labels.shape != current.shape:
-                raise ValueError(f"{key}: labels {labels.shape}, frame {current.shape}")
             change = diff(key, current, labels)
             if change is not None:
                 current[...] = labels
@@ -340,7 +402,7 @@ class AnnotationSet:
         """
         new = {}
         for key in keys:
-            labels = np.array(segment(self.frames[key].as_frame()), np.uint8)
+            labels = np.asarray(segment(self.frames[key].as_frame()))
             new[key] = _inside_region(labels, self.frames[key].region)
         return self._commit("pre-annotate", new)
 
@@ -415,8 +477,9 @@ class AnnotationSet:
         Parameters
         ----------
         path : path
-            The dataset folder. An existing usguide dataset there is replaced only once the new
-            one is complete; any other non-empty folder is refused.
+            The dataset folder (a link to one is followed). An existing usguide dataset there
+            is replaced only once the new one is complete; a folder holding anything an export
+            did not write is refused.
         coco : bool
             Write ``coco.json``.
         dicom_seg : bool
@@ -433,24 +496,43 @@ class AnnotationSet:
         ------
         DeidentificationError
             When a written file would hold a source's identifying value (nothing is published).
-        FileExistsError
-            When ``path`` is a non-empty folder that is not a usguide dataset.
+        ForeignFilesError
+            When ``path`` holds files or folders that no export wrote (the user's own, or a
+            folder that is not a dataset): nothing is replaced. A ``FileExistsError``.
         """
-        out = Path(path)
+        # The real folder: renaming a link aside would replace it by a folder of its own.
+        out = Path(os.path.realpath(path))
         _recover(out)
-        if out.exists() and not is_annotation_dataset(out) and any(out.iterdir()):
-            raise FileExistsError(f"{out}: not empty and not a usguide dataset; not replaced")
+        self._refuse_foreign(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
         try:
             written = self._write(tmp, coco=coco, dicom_seg=dicom_seg, keys=keys)
             deid.check_files(written, self._identifiers)
             _fsync_dir(tmp)
+            self._refuse_foreign(out)  # again: files may have been added while writing
             _swap_in(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return out
+        return Path(path)
+
+    def _refuse_foreign(self, out: Path) -> None:
+        """Raise ForeignFilesError when ``out`` holds entries no export wrote."""
+        foreign = _foreign_entries(out)
+        if not foreign:
+            return
+        # A name that holds a patient's identifier is not repeated in the message.
+        shown = [
+            "<name withheld>" if deid.check_text(name, self._identifiers) else name
+            for name in foreign[:3]
+        ]
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise ForeignFilesError(
+            out,
+            f"holds {', '.join(shown)}{more}, which no usguide export wrote; move them "
+            "elsewhere or export to another folder (nothing was replaced)",
+        )
 
     def _write(
         self, root: Path, *, coco: bool, dicom_seg: bool, keys: Sequence[str] | None
@@ -466,6 +548,7 @@ class AnnotationSet:
         entries: list[dict[str, Any]] = []
         coco_images = []
         studies: dict[str, str] = {}
+        key_of_label = {label: key for key, label in self._labels_by_key.items()}
         for f in chosen:
             image, labels, tip = _cropped(f)
             image_rel, mask_rel = f"images/{f.key}.png", f"masks/{f.key}.png"
@@ -490,6 +573,7 @@ class AnnotationSet:
                 "image": image_rel,
                 "mask": mask_rel,
                 "source": f.source,
+                "source_key": key_of_label.get(f.source),
                 "frame_index": f.frame_index,
                 "timestamp_s": f.timestamp_s,
                 "spacing_mm": list(f.spacing_mm) if f.spacing_mm else None,
@@ -532,7 +616,8 @@ class AnnotationSet:
         """Re-open an exported dataset for more annotation.
 
         Frames come back cropped (their region is the whole image), with their labels, tips,
-        sources and annotators.
+        sources and annotators. A source added again gets its label back (the manifest keeps a
+        key per source), so its frames join the recording instead of starting another.
         """
         root = _readable(Path(path))
         manifest = _read_manifest(root)
@@ -559,6 +644,8 @@ class AnnotationSet:
             )
             out.frames[frame.key] = frame
             out._labels_by_source[frame.source] = frame.source
+            if e.get("source_key"):
+                out._labels_by_key.setdefault(str(e["source_key"]), frame.source)
         return out
 
 
@@ -629,6 +716,80 @@ def is_annotation_dataset(path: str | PathLike[str]) -> bool:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+_EXPORT_FOLDERS = ("images", "masks", "dicom")
+# Written by file browsers into any folder they show; they hold nothing of the user's.
+_OS_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
+def _source_key(source: str) -> str:
+    """A stable digest of a source (of its real path when it is a file), kept in the manifest
+    so a re-opened dataset knows the recording again; a hash, never the path itself."""
+    identity = os.path.realpath(source) if source and os.path.exists(source) else source
+    return hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _valid_labels(key: str, labels: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """``labels`` as uint8 class indices for a frame of ``shape``; a ValueError naming the frame
+    otherwise (a cast to uint8 would silently turn 260 into class 4)."""
+    labels = np.asarray(labels)
+    if labels.shape != shape:
+        raise ValueError(f"{key}: labels {labels.shape}, frame {shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{key}: labels must be integer class indices, not {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= N_CLASSES):
+        raise ValueError(f"{key}: labels hold values outside the classes 0..{N_CLASSES - 1}")
+    return labels.astype(np.uint8, copy=False)
+
+
+def _carry_over(old: AnnotatedFrame, new: AnnotatedFrame) -> bool:
+    """Give ``new``, which replaces ``old``, the old labels, tip and their provenance when they
+    fit it: same size and region, or a re-opened crop (:meth:`AnnotationSet.load`) put back at
+    the region it was cut from. True when they did."""
+    if old.labels.shape == new.labels.shape and old.region == new.region:
+        new.labels[...] = old.labels
+        new.tip_xy = old.tip_xy
+    elif old.region_in_source is not None and _region_in_source(old) == new.region:
+        new.labels[Region(new.region).slices] = old.labels[Region(old.region).slices]
+        if old.tip_xy is not None:
+            dx, dy = new.region[0] - old.region[0], new.region[1] - old.region[1]
+            new.tip_xy = (old.tip_xy[0] + dx, old.tip_xy[1] + dy)
+    else:
+        return False
+    new.annotator, new.annotated_at, new.labelled = old.annotator, old.annotated_at, old.labelled
+    return True
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """What in ``out`` no export wrote, as sorted relative paths: everything in a folder that is
+    not a dataset; in a dataset, what its manifest does not list."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        return [out.name]
+    if not is_annotation_dataset(out):
+        return sorted(p.name for p in out.iterdir() if p.name not in _OS_FILES)
+    owned = {MANIFEST, "coco.json"}
+    for e in _read_manifest(out)["frames"]:
+        if isinstance(e, dict):
+            owned.update(str(e.get(k)) for k in ("image", "mask"))
+            owned.update(str(v) for v in (e.get("dicom") or {}).values())
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        if entry.name in _OS_FILES:
+            continue
+        if entry.name in _EXPORT_FOLDERS and entry.is_dir() and not entry.is_symlink():
+            for p in sorted(entry.iterdir()):
+                rel = f"{entry.name}/{p.name}"
+                if p.name not in _OS_FILES and (rel not in owned or not _plain_file(p)):
+                    foreign.append(rel)
+        elif entry.name not in owned or not _plain_file(entry):
+            foreign.append(entry.name)
+    return foreign
+
+
+def _plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
 
 
 def _inside_region(labels: np.ndarray, region: BBox) -> np.ndarray:

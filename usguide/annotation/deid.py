@@ -4,8 +4,8 @@ An export never copies a DICOM header: images are written as PNG (or a new DICOM
 nothing but the cropped pixels), and the only names that travel are *source labels*. This module
 collects the identifying values of a source (:func:`dicom_identifiers`) so that
 
-- a source label that contains one (a file called after the patient) is replaced by a stable
-  pseudonym (:func:`safe_label`), and
+- a DICOM source's label is always a stable pseudonym, and any other source's label is one when
+  it contains an identifying value (a video called after the patient) (:func:`safe_label`), and
 - every file of a finished export is searched for them before it is published
   (:func:`check_files`); a hit stops the export.
 
@@ -15,11 +15,12 @@ Errors and messages name the header *field* that matched, never its value.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,12 @@ IDENTIFYING_KEYWORDS: tuple[str, ...] = (
     "DeviceSerialNumber",
     "PatientComments",
     "AdditionalPatientHistory",
+    # Instance UIDs link an export back to the examination in the PACS. Exports make fresh ones
+    # (dicom_seg builds a new image and SEG from nothing), so no written file holds them.
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "FrameOfReferenceUID",
 )
 # Shorter values ("M", "GE", "01") would match innocent text everywhere; they identify nobody.
 _MIN_LENGTH = 3
@@ -143,7 +150,9 @@ def check_text(text: str, identifiers: Mapping[str, str]) -> str | None:
     return None
 
 
-def safe_label(name: str, identifiers: Mapping[str, str] | None = None) -> str:
+def safe_label(
+    name: str, identifiers: Mapping[str, str] | None = None, *, dicom: bool = False
+) -> str:
     """A short label for a source that is safe to write: no path, no identifier.
 
     Parameters
@@ -152,17 +161,21 @@ def safe_label(name: str, identifiers: Mapping[str, str] | None = None) -> str:
         The source as usguide names it (a path, ``device:0`` ...).
     identifiers : mapping, optional
         Identifying values of that source (:func:`dicom_identifiers`).
+    dicom : bool
+        The source is read as DICOM: its label is always the pseudonym. Scanner and PACS file
+        names carry UIDs, dates and IDs in forms no search recognises, and nothing a researcher
+        needs.
 
     Returns
     -------
     str
         The file's stem reduced to ``[A-Za-z0-9_-]`` (folders never travel: they often carry a
-        patient's name); ``source-<10 hex>``, a pseudonym stable for ``name``, when the stem
-        holds an identifying value or nothing is left of it.
+        patient's name); ``source-<10 hex>``, a pseudonym stable for ``name``, for a DICOM
+        source, or when the stem holds an identifying value or nothing is left of it.
     """
     stem = Path(str(name).replace("\\", "/")).stem if name else ""
     label = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-")[:64]
-    if not label or (identifiers and check_text(stem, identifiers)):
+    if dicom or not label or (identifiers and check_text(stem, identifiers)):
         digest = hashlib.sha256(str(name).encode("utf-8", "surrogatepass")).hexdigest()[:10]
         return f"source-{digest}"
     return label
@@ -171,9 +184,11 @@ def safe_label(name: str, identifiers: Mapping[str, str] | None = None) -> str:
 def check_files(paths: Iterable[str | os.PathLike[str]], identifiers: Mapping[str, str]) -> None:
     """Search files about to be published for identifying values; raise on the first found.
 
-    Text files (JSON, CSV) are searched whole; DICOM files element by element (every string
-    value, in every sequence); PNG files in their text chunks (pixels carry no text bytes; burned
-    -in text is removed by cropping). Other files are not searched.
+    JSON files are searched in their string values (keys are the format's own words, and
+    numbers - sizes, boxes, RLE counts - would match numeric IDs by chance); other text files
+    (CSV, TXT, JSONL) whole; DICOM files element by element (every string value, in every
+    sequence); PNG files in their text chunks (pixels carry no text bytes; burned-in text is
+    removed by cropping). Other files are not searched.
 
     Raises
     ------
@@ -186,7 +201,11 @@ def check_files(paths: Iterable[str | os.PathLike[str]], identifiers: Mapping[st
         suffix = path.suffix.lower()
         keyword = None
         if suffix in _TEXT_SUFFIXES:
-            keyword = check_text(path.read_text(encoding="utf-8", errors="replace"), identifiers)
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if suffix == ".json":
+                with contextlib.suppress(ValueError):  # not JSON after all: searched whole
+                    text = "\n".join(_strings(json.loads(text)))
+            keyword = check_text(text, identifiers)
         elif suffix in _DICOM_SUFFIXES:
             keyword = _check_dicom(path, identifiers)
         elif suffix in _PNG_SUFFIXES:
@@ -198,6 +217,18 @@ def check_files(paths: Iterable[str | os.PathLike[str]], identifiers: Mapping[st
             raise DeidentificationError(
                 path, f"holds a value of the source's {keyword}; export stopped"
             )
+
+
+def _strings(obj: Any) -> Iterator[str]:
+    """The string values of a parsed JSON document, at any depth (not its keys or numbers)."""
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _strings(value)
+    elif isinstance(obj, list):
+        for item in obj:
+            yield from _strings(item)
 
 
 def _check_dicom(path: Path, identifiers: Mapping[str, str]) -> str | None:

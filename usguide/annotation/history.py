@@ -9,7 +9,7 @@ than ``max_bytes`` or ``max_steps``.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, MutableMapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,9 +126,16 @@ class History:
         """Put back the last step's ``before`` rectangles into ``arrays`` (in place).
 
         Returns the step's label, or None when there is nothing to undo.
+
+        Raises
+        ------
+        ValueError
+            When a rectangle of the step does not fit its array (missing, or of another size):
+            nothing is written and the step stays.
         """
         if not self._undo:
             return None
+        _check_fits(self._undo[-1], arrays)
         step = self._undo.pop()
         for c in reversed(step.changes):
             arrays[c.key][c.rows, c.cols] = c.before
@@ -136,15 +143,44 @@ class History:
         return step.label
 
     def redo(self, arrays: MutableMapping[Hashable, np.ndarray]) -> str | None:
-        """Apply again the last undone step; its label, or None when there is none."""
+        """Apply again the last undone step; its label, or None when there is none.
+
+        Raises ValueError, writing nothing, as :meth:`undo`.
+        """
         if not self._redo:
             return None
+        _check_fits(self._redo[-1], arrays)
         step = self._redo.pop()
         for c in step.changes:
             arrays[c.key][c.rows, c.cols] = c.after
         self._undo.append(step)
         return step.label
 
+    def forget(self, keys: Collection[Hashable]) -> None:
+        """Drop every change of the arrays ``keys`` (replaced by arrays the changes do not
+        belong to); a step left with no change goes."""
+
+        def without(step: _Step) -> _Step | None:
+            kept = tuple(c for c in step.changes if c.key not in keys)
+            if len(kept) == len(step.changes):
+                return step
+            return _Step(step.label, kept) if kept else None
+
+        undo = (without(s) for s in self._undo)
+        self._undo = deque(s for s in undo if s is not None)
+        self._redo = [s for s in map(without, self._redo) if s is not None]
+
     def clear(self) -> None:
         self._undo.clear()
         self._redo.clear()
+
+
+def _check_fits(step: _Step, arrays: Mapping[Hashable, np.ndarray]) -> None:
+    """Raise ValueError when a change of ``step`` does not fit its array in ``arrays``."""
+    for c in step.changes:
+        array = arrays.get(c.key)
+        if array is None or array[c.rows, c.cols].shape != c.before.shape:
+            shape = None if array is None else array.shape
+            raise ValueError(
+                f"undo step {step.label!r} does not fit {c.key!r} (array {shape}); not applied"
+            )
