@@ -140,8 +140,11 @@ def test_session_summary_appends_rows_atomically(tmp_path: Path, monkeypatch) ->
     assert rows[0]["units"] == "mm" and rows[0]["redirections"] == "1"
     assert rows[0]["final_tip_to_target"] == "0.200" and rows[1]["units"] == "px"
     assert rows[1]["source"] == "attempt2" and rows[0]["trainee"] == "Dr Trainee"
+    # A DICOM file named by a UID (no header value in its name) is still never named.
+    by_uid = write_identified_dicom(tmp_path / "1.2.826.0.1.3680043.8.498.7.dcm")
+    assert summary.append(uncal.result(), source=str(by_uid))["source"].startswith("source-")
     data = json.loads((tmp_path / "s.json").read_text())
-    assert len(data["attempts"]) == 2 and data["attempts"][1]["time_to_target_s"] == 0.5
+    assert len(data["attempts"]) == 3 and data["attempts"][1]["time_to_target_s"] == 0.5
     for path in (tmp_path / "s.csv", tmp_path / "s.json"):
         text = path.read_text().lower()
         assert not any(secret.lower() in text for secret in SECRETS)

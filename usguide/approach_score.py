@@ -517,7 +517,8 @@ class SessionSummary:
         from usguide.annotation.deid import dicom_identifiers, safe_label
         from usguide.sources import is_dicom_file
 
-        if source and is_dicom_file(source):
+        dicom = bool(source) and is_dicom_file(source)
+        if dicom:
             self._identifiers.update(dicom_identifiers(source))
         attempts = self.attempts()
         d = score.to_dict()
@@ -526,7 +527,8 @@ class SessionSummary:
             "attempt": len(attempts) + 1,
             "scored_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "trainee": self.trainee,
-            "source": safe_label(source, self._identifiers) if source else "",
+            # A DICOM file's name (a UID, an ID) is never written: a pseudonym stands for it.
+            "source": safe_label(source, self._identifiers, dicom=dicom) if source else "",
             **d,
             "target_x": target[0],
             "target_y": target[1],
