@@ -111,6 +111,26 @@ def test_annotate_propagate_undo_export_and_reopen(
     assert (reopened.labels[:5, :5] == VESSEL).all() and reopened.tip_xy == (40.0, 30.0)
 
 
+def test_a_label_number_that_is_no_class_is_refused_in_the_status_line(
+    make_napari_viewer: Any, tmp_path: Path
+) -> None:
+    """napari lets the annotator paint any label number; the set refuses 5 and above, and the
+    widget says so instead of raising in the Qt slot."""
+    viewer = make_napari_viewer()
+    widget = AnnotationWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Annotation")
+    widget.start(_scan(viewer, tmp_path))
+    x0, y0, _, _ = REGION
+    viewer.layers[LABELS_LAYER].data[0][y0 : y0 + 10, x0 : x0 + 10] = 7
+    out = tmp_path / "dataset"
+    widget.export(str(out))
+    assert not widget.busy and "not taken" in widget.status.text()
+    assert not out.exists()
+    viewer.dims.set_current_step(0, 0)
+    widget.undo()
+    assert "not taken" in widget.status.text()
+
+
 def test_real_model_pre_annotates_a_plain_image_layer(
     make_napari_viewer: Any, qtbot: Any, tmp_path: Path
 ) -> None:

@@ -223,12 +223,17 @@ class AnnotationWidget(QWidget):
         y, x = points[-1][-2:]
         return float(x), float(y)
 
-    def _sync(self, t: int) -> str:
-        """Copy frame ``t``'s labels and tip from the layers into the set."""
+    def _sync(self, t: int) -> str | None:
+        """Copy frame ``t``'s labels and tip from the layers into the set; None, said in the
+        status line, when the set refuses them (a label number painted that is no class)."""
         assert self.aset is not None
         self.aset.annotator = self.annotator_edit.text()
         key = self._ensure(t)
-        self.aset.annotate(key, self._layer_labels(t), self._tip(t), action="edit")
+        try:
+            self.aset.annotate(key, self._layer_labels(t), self._tip(t), action="edit")
+        except ValueError as e:
+            self.status.setText(f"Frame {t} not taken: {e}. Paint with 1 nerve to 4 needle.")
+            return None
         return key
 
     def _show(self) -> None:
@@ -286,6 +291,8 @@ class AnnotationWidget(QWidget):
             return
         aset, t = self.aset, self.current_frame()
         key = self._sync(t)
+        if key is None:
+            return
 
         def work() -> list[str]:
             return aset.pre_annotate([key], self.segmenter())
@@ -302,6 +309,8 @@ class AnnotationWidget(QWidget):
             return
         aset, t = self.aset, self.current_frame()
         key = self._sync(t)
+        if key is None:
+            return
         last = min(self._frame_count() - 1, t + self.count_spin.value())
         targets = [self._ensure(k) for k in range(t + 1, last + 1)]
 
@@ -321,13 +330,15 @@ class AnnotationWidget(QWidget):
         """Undo the last change (a paint edit made since the last action counts as one)."""
         if self.aset is None or self.busy:
             return
-        self._sync(self.current_frame())
+        if self._sync(self.current_frame()) is None:
+            return
         what = self.aset.undo()
         self._show()
         self.status.setText(f"Undone: {what}." if what else "Nothing to undo.")
 
-    def _sync_all(self) -> None:
-        """Every frame with labels or a tip (or already in the set) into the set."""
+    def _sync_all(self) -> bool:
+        """Every frame with labels or a tip (or already in the set) into the set; False when
+        one was refused (the status line says which)."""
         data = self.labels_layer.data
         if self._stacked():
             painted = set(np.flatnonzero(np.asarray(data).reshape(len(data), -1).any(axis=1)))
@@ -335,8 +346,7 @@ class AnnotationWidget(QWidget):
             painted |= {int(np.rint(v)) for v in tips[:, 0]} if len(tips) else set()
         else:
             painted = {0}
-        for t in sorted(painted | set(self._keys)):
-            self._sync(int(t))
+        return all(self._sync(int(t)) is not None for t in sorted(painted | set(self._keys)))
 
     def export(self, folder: str | None = None) -> None:
         """Export the annotated frames to ``folder`` (default: the dataset field)."""
@@ -347,7 +357,8 @@ class AnnotationWidget(QWidget):
             self.status.setText("Choose a dataset folder first.")
             return
         self.folder_edit.setText(path)
-        self._sync_all()
+        if not self._sync_all():
+            return
         aset, dicom = self.aset, self.dicom_check.isChecked()
 
         def work() -> Path:
