@@ -17,6 +17,7 @@ from usguide.data.augment import sector_mask
 from usguide.data.needle_render import NeedlePose, needle_sequence, render_needle
 from usguide.frame import Frame, Region
 from usguide.imaging_region import find_imaging_region
+from usguide.labels import NEEDLE
 from usguide.needle import (
     NeedleConfig,
     NeedleDetection,
@@ -289,6 +290,35 @@ def test_hold_then_not_visible():
     assert [s.visible for s in coast] == [True, True, False, False]
     assert coast[0].status == "coasting" and coast[0].confidence < 0.9
     assert coast[2].status == "not visible" and coast[2].tip_xy is None
+
+
+def test_a_stale_tip_is_never_shown_when_time_repeats_or_goes_back():
+    """Timestamps that repeat (a stuck clock) or go back (a seek, another scan through the
+    same stage) must not keep an unseen tip visible, nor lift its confidence above 1."""
+    box = (0, 0, 639, 479)
+    blank = np.zeros((480, 640), np.uint8)
+
+    def at(i: int, t: float) -> Frame:
+        return replace(frame_of(blank, i, box), timestamp_s=t)
+
+    tracker = NeedleTracker(NeedleConfig(confirm_frames=1, hold_s=0.1))
+    tracker.update(detection(100.0, 100.0), at(0, 5.0))
+    stuck = [tracker.update(None, at(i, 5.0)) for i in range(1, 6)]
+    assert not stuck[-1].visible  # each repeated time still counts a frame's time
+    tracker.update(detection(100.0, 100.0), at(6, 10.0))
+    back = tracker.update(None, at(7, 0.0))  # 10 s back: not this track
+    assert not back.visible and back.tip_xy is None and 0.0 <= back.confidence <= 1.0
+    assert all(0.0 <= s.confidence <= 1.0 for s in stuck)
+
+
+def test_a_thin_strip_at_a_fine_spacing_gives_no_error():
+    """The search's downscaling must leave a strip 18 px high (0.01 mm/px) some rows."""
+    stage = NeedleStage()
+    strip = Frame(np.full((18, 640), 90, np.uint8), 0, 0.0, (0.01, 0.01),
+                  Region((0, 0, 639, 17), (0.01, 0.01)), "test")  # fmt: skip
+    labels = np.zeros((18, 640), np.uint8)
+    labels[8:10, 100:400] = NEEDLE
+    assert not stage(strip, labels).visible
 
 
 def test_frames_without_a_needle_or_image_give_no_detection(segmenter):

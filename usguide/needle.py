@@ -336,8 +336,9 @@ class NeedleDetector:
             return None
         spacing = _frame_spacing(frame)
         mm_per_px = math.sqrt(spacing[0] * spacing[1]) if spacing else cfg.nominal_spacing_mm
-        # Work at ~0.2 mm per pixel for the search: a needle is >= 0.5 mm thick.
-        f = max(1, round(0.2 / mm_per_px))
+        # Work at ~0.2 mm per pixel for the search: a needle is >= 0.5 mm thick (a strip too
+        # thin for that at a fine spacing is searched at less).
+        f = max(1, min(round(0.2 / mm_per_px), min(height, width) // 16))
         small = (
             cv2.resize(grey, (width // f, height // f), interpolation=cv2.INTER_AREA)
             if f > 1
@@ -1103,6 +1104,7 @@ class NeedleTracker:
         self._state: np.ndarray | None = None  # x, y, angle, vx, vy, v_angle
         self._cov = np.eye(6)
         self._time: float | None = None
+        self._clock: float | None = None  # the last frame's time, kept increasing
         self._seen_at = -math.inf
         self._pending: list[NeedleDetection] = []
         self._outliers: list[NeedleDetection] = []
@@ -1118,6 +1120,14 @@ class NeedleTracker:
     def update(self, detection: NeedleDetection | None, frame: Frame) -> NeedleState:
         cfg = self.config
         t = frame.timestamp_s if frame.timestamp_s is not None else frame.index * cfg.frame_time_s
+        if self._clock is not None and t <= self._clock:
+            if self._clock - t > cfg.hold_s:
+                self.reset()  # time went back: a seek or another scan, not this track
+            else:
+                # A repeated (or jittering) time: a frame's time still passes, so a tip
+                # unseen for hold_s is never shown as if current.
+                t = self._clock + cfg.frame_time_s
+        self._clock = t
         spacing = _frame_spacing(frame)
         mm_per_px = math.sqrt(spacing[0] * spacing[1]) if spacing else cfg.nominal_spacing_mm
         gate_px = cfg.gate_mm / mm_per_px
@@ -1182,7 +1192,7 @@ class NeedleTracker:
         tip = (float(self._state[0]), float(self._state[1]))
         confidence = self._confidence
         if not updated:
-            confidence *= max(0.0, 1.0 - (t - self._seen_at) / max(cfg.hold_s, 1e-9))
+            confidence *= min(1.0, max(0.0, 1.0 - (t - self._seen_at) / max(cfg.hold_s, 1e-9)))
         x0, y0 = frame.region.bbox[:2]
         entry = self._last.entry_xy
         length_px = math.hypot(tip[0] - entry[0], tip[1] - entry[1])
