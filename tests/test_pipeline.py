@@ -242,6 +242,16 @@ def test_pipelined_playback_stops_early_and_reports_worker_errors() -> None:
     pipeline = Pipeline()
     summary = run_playback(pipeline, frames, [], max_frames=5)
     assert summary.frames_processed == 5 and summary.ended == "stopped after 5 frames"
+    for run in (run_playback, run_live):  # 0 had still processed a frame
+        with pytest.raises(ValueError, match="max_frames must be 1 or more"):
+            run(pipeline, frames, [], max_frames=0)
+
+    def stalls() -> Iterator[Frame]:
+        yield from frames[:5]
+        raise CorruptSourceError("device:0", "no frame from the device for 1 s")
+
+    # The limit reached, the reader's error on the next frame is not why the run ended.
+    assert run_playback(pipeline, stalls(), [], max_frames=5).ended == "stopped after 5 frames"
 
     def broken() -> Iterator[Frame]:
         yield from frames[:2]

@@ -368,9 +368,12 @@ def run_playback(
 
     Sinks are closed at the end, also when the run stops on an error.
     """
+    _check_max_frames(max_frames)
+    pipeline.reset()  # a run is a sequence of its own: nothing carries over from the last one
     summary = RunSummary()
     start = time.perf_counter()
     stop = threading.Event()
+    stopped_by: str | None = None  # why the loop ended early, if it did
     items: Iterator[tuple[FrameResult, bool]]
     if pipelined:
         items = _segmented_ahead(pipeline, source, summary, stop)
@@ -379,20 +382,33 @@ def run_playback(
     try:
         for result, restarted in items:
             _finish_and_sink(pipeline, result, restarted, sinks, summary, on_frame)
-            if max_frames is not None and summary.frames_processed >= max_frames:
-                summary.ended = f"stopped after {max_frames} frames"
-                break
-            if any(getattr(s, "stopped", False) for s in sinks):
-                summary.ended = "window closed"
+            stopped_by = _stop_reason(summary, sinks, max_frames)
+            if stopped_by is not None:
                 break
     finally:
         stop.set()
         close = getattr(items, "close", None)
         if close is not None:
             close()
+        if stopped_by is not None:  # a reader still blocked in the source ends later
+            summary.ended = stopped_by
         summary.wall_s = time.perf_counter() - start
         _finish(pipeline, sinks, summary)
     return summary
+
+
+def _check_max_frames(max_frames: int | None) -> None:
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be 1 or more, got {max_frames}")
+
+
+def _stop_reason(summary: RunSummary, sinks: Sequence[Sink], max_frames: int | None) -> str | None:
+    """Why a run stops before its next frame, or None: it goes on."""
+    if max_frames is not None and summary.frames_processed >= max_frames:
+        return f"stopped after {max_frames} frames"
+    if any(getattr(s, "stopped", False) for s in sinks):
+        return "window closed"
+    return None
 
 
 def _segmented_ahead(
@@ -497,11 +513,14 @@ def run_live(
 
     The ``latency`` timing is from a frame's capture to the end of its sinks.
     """
+    _check_max_frames(max_frames)
+    pipeline.reset()  # a run is a sequence of its own: nothing carries over from the last one
     summary = RunSummary()
     mailbox: queue.Queue[Any] = queue.Queue(maxsize=1)
     stop = threading.Event()
     lock = threading.Lock()
     dropped = 0
+    stopped_by: str | None = None  # why the loop ended early, if it did
 
     def capture() -> None:
         nonlocal dropped
@@ -527,12 +546,13 @@ def run_live(
             summary.ended = f"source stopped: {type(e).__name__}: {e}"
         finally:
             with lock:
+                # The loop may take the waiting frame at any moment (it does not lock): take
+                # it first, then post the end, with that frame when there was one.
                 try:
-                    mailbox.put_nowait(_END)
-                except queue.Full:
-                    # Deliver the last frame first; the loop sees the end after it.
                     last = mailbox.get_nowait()
-                    mailbox.put_nowait((*last, _END) if last is not _END else _END)
+                except queue.Empty:
+                    last = None
+                mailbox.put_nowait(_END if last is None or last is _END else (*last, _END))
 
     thread = threading.Thread(target=capture, name="usguide-capture", daemon=True)
     start = time.perf_counter()
@@ -547,15 +567,14 @@ def run_live(
             pipeline.timings.add("latency", (time.perf_counter() - captured_at) * 1e3)
             if len(item) == 3:  # the last frame carried the end
                 break
-            if max_frames is not None and summary.frames_processed >= max_frames:
-                summary.ended = f"stopped after {max_frames} frames"
-                break
-            if any(getattr(s, "stopped", False) for s in sinks):
-                summary.ended = "window closed"
+            stopped_by = _stop_reason(summary, sinks, max_frames)
+            if stopped_by is not None:
                 break
     finally:
         stop.set()
         thread.join(timeout=5.0)
+        if stopped_by is not None:  # a capture still blocked in the source ends later
+            summary.ended = stopped_by
         summary.wall_s = time.perf_counter() - start
         summary.frames_dropped = dropped
         _finish(pipeline, sinks, summary)
