@@ -292,16 +292,22 @@ def test_identifiers_never_reach_info(dicom_dir: Path) -> None:
 # -- bad input ---------------------------------------------------------------------------------
 
 
-def _write_sr(path: Path) -> None:
+def _new_dataset(sop_class: str, modality: str) -> Dataset:
+    """An empty explicit-VR little-endian dataset of ``sop_class``, with its file meta."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "SR"
+    ds.Modality = modality
+    return ds
+
+
+def _write_sr(path: Path) -> None:
+    ds = _new_dataset("1.2.840.10008.5.1.4.1.1.88.11", "SR")  # Basic Text SR
     ds.PatientName = "Doe^Jane"
     ds.save_as(path, enforce_file_format=True)
 
@@ -320,15 +326,7 @@ def _write_image(
     **extra: object,
 ) -> Path:
     """A small uncompressed US image; ``extra`` sets further header attributes."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # US Multi-frame Image
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "US"
+    ds = _new_dataset("1.2.840.10008.5.1.4.1.1.3.1", "US")  # US Multi-frame Image
     ds.Rows, ds.Columns = rows, columns
     ds.SamplesPerPixel = samples
     ds.PhotometricInterpretation = photometric

@@ -33,9 +33,15 @@ def test_marginal_loss_never_teaches_unlabelled_class_as_background() -> None:
     assert float(soft_dice_loss(found, target, no_fascia_label)) < float(missed) - 0.1
 
 
-def test_tiny_training_run_exports_a_working_model(tmp_path: Path) -> None:
-    mirror = tmp_path / "mirror"
-    shutil.copytree(SAMPLES, mirror / "usgra-seg")
+@pytest.fixture
+def mirror(tmp_path: Path) -> Path:
+    """A data mirror holding the USGRA-Seg samples only."""
+    root = tmp_path / "mirror"
+    shutil.copytree(SAMPLES, root / "usgra-seg")
+    return root
+
+
+def test_tiny_training_run_exports_a_working_model(tmp_path: Path, mirror: Path) -> None:
     config = TrainConfig(
         input_size=(64, 64),
         epochs=2,
@@ -55,10 +61,8 @@ def test_tiny_training_run_exports_a_working_model(tmp_path: Path) -> None:
 
 
 def test_a_training_split_smaller_than_a_batch_is_refused_before_training(
-    tmp_path: Path,
+    tmp_path: Path, mirror: Path
 ) -> None:
-    mirror = tmp_path / "mirror"
-    shutil.copytree(SAMPLES, mirror / "usgra-seg")
     config = TrainConfig(
         input_size=(64, 64),
         epochs=1,
