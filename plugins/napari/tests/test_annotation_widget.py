@@ -154,3 +154,37 @@ def test_real_model_pre_annotates_a_plain_image_layer(
     widget.export(str(tmp_path / "ds"))
     qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
     assert [f.key for f in AnnotationSet.load(tmp_path / "ds")] == ["my-scan_00000"]
+
+
+def test_layers_over_the_scan_keep_its_mm_units(make_napari_viewer: Any) -> None:
+    from conftest import TEST_DATA
+    from napari_usguide._reader import layers_have_units
+
+    if not layers_have_units():
+        pytest.skip("napari < 0.6 has no layer units")
+    viewer = make_napari_viewer()
+    data, kwargs, _ = read_scan(str(TEST_DATA / "dicom" / "OBXXXX1A_rle_2frame.dcm"))[0]
+    scan = viewer.add_image(data, **kwargs)
+    widget = AnnotationWidget(viewer)
+    widget.start(scan)
+    for name in (LABELS_LAYER, TIPS_LAYER):
+        assert tuple(str(u) for u in viewer.layers[name].units[-2:]) == ("millimeter",) * 2
+    assert str(viewer.layers.units[-1]) == "millimeter"  # the scale bar still reads mm
+
+
+def test_export_and_open_errors_are_shown_in_the_status_line(
+    make_napari_viewer: Any, qtbot: Any, tmp_path: Path
+) -> None:
+    viewer = make_napari_viewer()
+    widget = AnnotationWidget(viewer)
+    widget.start(_scan(viewer, tmp_path))
+    x0, y0, _, _ = REGION
+    viewer.layers[LABELS_LAYER].data[0][y0 : y0 + 10, x0 : x0 + 10] = NERVE
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    widget.export(str(blocker / "dataset"))  # an error in the worker: shown, not raised
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    assert widget.status.text().startswith("error:")
+    widget.status.setText("")
+    widget.open_dataset(str(tmp_path / "missing"))  # raised in the slot before
+    assert widget.status.text().startswith("error:") and "missing" in widget.status.text()

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("napari_usguide")
 
-from napari_usguide._engine import GuidanceEngine, GuidanceProcess
+from napari_usguide._engine import GuidanceEngine, GuidanceProcess, PipelineProcessError
 
 from usguide.demo import DemoScan, DemoScript
 from usguide.errors import SourceNotFoundError
@@ -132,11 +132,15 @@ def test_child_process_errors_are_raised_here(tmp_path: Path) -> None:
         with pytest.raises(AttributeError, match="no remote call"):
             engine._call("close_everything")
         engine._process.kill()  # a crashed child: a clear error, not a hang
-        with pytest.raises(RuntimeError, match="pipeline process ended"):
+        with pytest.raises(PipelineProcessError, match="pipeline process ended"):
             engine.process(0)
+        # Not a RuntimeError (superqt's generator worker ends silently on one); the child is
+        # reaped, not left a zombie, and the engine says it is closed.
+        assert not issubclass(PipelineProcessError, RuntimeError)
+        assert engine.closed and engine._process.returncode is not None
     finally:
         engine.close()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(PipelineProcessError, match="closed"):
         engine.targets()
 
 
@@ -147,3 +151,21 @@ def test_child_process_ends_with_close_or_when_its_parent_goes() -> None:
     orphan = GuidanceProcess.open("demo")
     orphan._conn.close()  # as when this process dies: the child reads end of file
     assert orphan._process.wait(30) == 0
+
+
+def test_a_scan_without_frame_time_gets_guidance(tmp_path: Path) -> None:
+    """An image folder has no frame time: the guidance stage takes the config's default."""
+    import shutil
+
+    from conftest import TEST_DATA
+
+    for name in ("0002.png", "0023.png"):
+        shutil.copy(TEST_DATA / "usgra-seg" / "images" / name, tmp_path / name)
+    engine = GuidanceEngine.open(tmp_path)
+    try:
+        assert engine.frame_time_s is None
+        published = engine.process(0)
+        assert "guidance" not in published.errors, published.errors
+        assert published.guidance is not None
+    finally:
+        engine.close()

@@ -136,3 +136,116 @@ def test_a_bad_source_is_reported_not_raised(
     assert "error" in widget.position_label.text() and "missing.dcm" in widget.position_label.text()
     assert not widget.play_button.isEnabled()
     assert len(viewer.layers) == 0
+
+
+def _image_folder(folder: Any, *, rgb_from: int | None = None, corrupt: int | None = None) -> Any:
+    """Six grey frames of the bundled test image; from ``rgb_from`` on in colour, and frame
+    ``corrupt`` not an image at all."""
+    import cv2
+    from conftest import TEST_DATA
+
+    grey = cv2.imread(str(TEST_DATA / "usgra-seg" / "images" / "0002.png"), cv2.IMREAD_GRAYSCALE)
+    for i in range(6):
+        path = folder / f"f{i}.png"
+        if i == corrupt:
+            path.write_bytes(b"not a png at all")
+        elif rgb_from is not None and i >= rgb_from:
+            colour = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+            colour[..., 0] //= 2  # tinted: a colour frame, not grey stored as RGB
+            cv2.imwrite(str(path), colour)
+        else:
+            cv2.imwrite(str(path), grey)
+    return folder
+
+
+def test_closing_the_dock_or_the_viewer_ends_the_pipeline_process(
+    make_napari_viewer: Any, qtbot: Any
+) -> None:
+    viewer = make_napari_viewer()
+    widget = _open(viewer, qtbot)
+    child = widget.engine._process
+    viewer.window.remove_dock_widget(widget)  # the dock's close button, paused
+    qtbot.waitUntil(lambda: child.poll() is not None, timeout=15_000)
+    assert widget.engine is None
+
+    # Closing the viewer while playing: no error from a deleted widget, and the child ends.
+    viewer = make_napari_viewer()
+    widget = _open(viewer, qtbot)
+    child = widget.engine._process
+    widget.play()
+    qtbot.waitUntil(lambda: widget.displayed >= 3, timeout=WAIT_MS)
+    viewer.close()
+    qtbot.waitUntil(lambda: child.poll() is not None, timeout=15_000)
+
+
+def test_a_pipeline_process_that_dies_while_playing_is_reported(
+    make_napari_viewer: Any, qtbot: Any
+) -> None:
+    viewer = make_napari_viewer()
+    widget = _open(viewer, qtbot, speed=next(iter(SPEEDS)))
+    child = widget.engine._process
+    widget.play()
+    qtbot.waitUntil(lambda: widget.displayed >= 3, timeout=WAIT_MS)
+    child.kill()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=15_000)
+    assert "pipeline process ended" in widget.position_label.text()
+    assert widget.play_button.text() == "Play" and not widget.play_button.isChecked()
+    assert widget.open_button.isEnabled() and not widget.play_button.isEnabled()
+    assert widget.engine is None and child.returncode is not None  # reaped, not a zombie
+
+
+def test_an_error_while_playing_stays_on_screen(
+    make_napari_viewer: Any, qtbot: Any, tmp_path: Any
+) -> None:
+    viewer = make_napari_viewer()
+    widget = GuidanceWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Needle guidance")
+    widget.source_edit.setText(str(_image_folder(tmp_path, corrupt=3)))
+    widget.speed_combo.setCurrentText("every frame (as fast as it goes)")
+    widget.open_scan()
+    qtbot.waitUntil(lambda: widget._worker is None and widget._shown is not None, timeout=WAIT_MS)
+    widget.play()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=WAIT_MS)
+    assert widget._shown.index == 2
+    assert "error" in widget.position_label.text()
+    assert "f3.png" in widget.position_label.text()
+    widget.stop()
+
+
+def test_keys_and_groove_clicks_on_the_slider_seek(make_napari_viewer: Any, qtbot: Any) -> None:
+    from qtpy.QtWidgets import QAbstractSlider
+
+    viewer = make_napari_viewer()
+    widget = _open(viewer, qtbot)
+    last = widget.engine.frame_count - 1
+    widget.slider.triggerAction(QAbstractSlider.SliderToMaximum)  # the End key
+    qtbot.waitUntil(lambda: widget._worker is None and widget._shown.index == last, timeout=WAIT_MS)
+    widget.slider.triggerAction(QAbstractSlider.SliderPageStepSub)  # a click on the groove
+    # A second move while the first seek runs is sought when it is done.
+    widget.slider.triggerAction(QAbstractSlider.SliderPageStepSub)
+    target = widget.slider.value()
+    assert target == last - 2 * widget.slider.pageStep()
+    qtbot.waitUntil(
+        lambda: widget._worker is None and widget._shown.index == target, timeout=WAIT_MS
+    )
+    widget.stop()
+
+
+def test_a_scan_turning_from_grey_to_colour_shows_colour_frames(
+    make_napari_viewer: Any, qtbot: Any, tmp_path: Any
+) -> None:
+    viewer = make_napari_viewer()
+    widget = GuidanceWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Needle guidance")
+    widget.source_edit.setText(str(_image_folder(tmp_path, rgb_from=1)))
+    widget.open_scan()
+    qtbot.waitUntil(lambda: widget._worker is None and widget._shown is not None, timeout=WAIT_MS)
+    assert not viewer.layers[LAYER_NAMES["frame"]].rgb
+    widget.step()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=WAIT_MS)
+    frame = viewer.layers[LAYER_NAMES["frame"]]
+    assert widget._shown.pixels.ndim == 3
+    assert frame.rgb and frame.ndim == 2 and viewer.dims.ndim == 2
+    assert frame is widget.layers["frame"] and len(viewer.layers) == len(LAYER_NAMES)
+    assert viewer.layers.index(frame) == 0  # under the labels and the needle, as before
+    widget.stop()

@@ -67,6 +67,26 @@ def test_uncalibrated_scan_stays_in_pixels_and_says_so() -> None:
     assert "units" not in kwargs
 
 
+def test_dicom_layer_shows_no_patient_identifier(tmp_path: Path) -> None:
+    import sys
+
+    from napari_usguide._reader import resolve_source
+
+    sys.path.insert(0, str(TEST_DATA.parents[1]))
+    from tests.annotation.conftest import SECRETS, write_identified_dicom
+
+    folder = tmp_path / "Doelittle Janeway"
+    folder.mkdir()
+    path = write_identified_dicom(folder / "DOELITTLE_scan.dcm", frames=2)
+    _, kwargs, _ = _read(path)
+    shown = (kwargs["name"] + repr(kwargs["metadata"])).upper()
+    assert [s for s in SECRETS if s.upper() in shown] == []
+    assert kwargs["name"].startswith("source-")
+    # The widgets reopen the scan from the pseudonym the metadata carries.
+    assert resolve_source(kwargs["metadata"]["usguide"]["source"]) == str(path)
+    assert resolve_source("demo") == "demo"
+
+
 def test_image_folder_is_a_stack(tmp_path: Path) -> None:
     import shutil
 
@@ -77,6 +97,20 @@ def test_image_folder_is_a_stack(tmp_path: Path) -> None:
     assert data.shape[0] == 3
     assert kwargs["scale"] == (1.0, 1.0, 1.0)  # PNGs carry no calibration
     assert "uncalibrated" in kwargs["name"]
+
+
+@pytest.mark.parametrize("odd", ["smaller", "colour"])
+def test_image_folder_of_mixed_sizes_or_colours_is_refused(tmp_path: Path, odd: str) -> None:
+    import cv2
+
+    grey = cv2.imread(str(TEST_DATA / "usgra-seg" / "images" / "0002.png"), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(tmp_path / "f1.png"), grey)
+    other = grey[:200, :300] if odd == "smaller" else cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    cv2.imwrite(str(tmp_path / "f2.png"), other)
+    reader = napari_get_reader(str(tmp_path))
+    assert reader is not None
+    with pytest.raises(ValueError, match="images differ"):
+        reader(str(tmp_path))
 
 
 def test_reader_declines_what_it_cannot_read(tmp_path: Path) -> None:

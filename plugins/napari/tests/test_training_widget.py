@@ -64,3 +64,50 @@ def test_target_score_and_session_summary(
     attempts = json.loads((tmp_path / "session" / "session.json").read_text())["attempts"]
     assert attempts[0]["redirections"] == score.redirections
     assert np.isclose(attempts[0]["target_x"], x)
+
+
+def test_target_layer_takes_the_current_scans_scale_and_units(make_napari_viewer: Any) -> None:
+    from conftest import TEST_DATA
+    from napari_usguide._reader import layers_have_units, read_scan
+    from napari_usguide._sample_data import demo_scan
+
+    viewer = make_napari_viewer()
+    data, kwargs, _ = read_scan(str(TEST_DATA / "dicom" / "OBXXXX1A_rle_2frame.dcm"))[0]
+    first = viewer.add_image(data, **kwargs)
+    widget = TrainingWidget(viewer)
+    widget.place_target()  # made at the first scan's 0.262 mm per pixel
+    viewer.layers.remove(first)
+    data, kwargs, _ = demo_scan()[0]
+    demo = viewer.add_image(data, **kwargs)  # the next recording, 0.08 mm per pixel
+    viewer.layers.selection.active = demo
+    widget.place_target()
+    target = viewer.layers[TARGET_LAYER]
+    assert tuple(target.scale) == pytest.approx(tuple(demo.scale[-2:]))
+    # A click on demo pixel (x 320, y 256), as napari's add mode places it, scores there.
+    target.add(target.world_to_data(demo.data_to_world([0, 256.0, 320.0])[-2:]))
+    assert widget.target_xy() == pytest.approx((320.0, 256.0))
+    if layers_have_units():
+        assert tuple(str(u) for u in target.units) == tuple(str(u) for u in demo.units[-2:])
+
+
+def test_a_session_folder_that_cannot_be_written_keeps_the_score(
+    make_napari_viewer: Any, qtbot: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    from usguide.demo import DemoScan, DemoScript
+
+    script = DemoScript(needle_from=3, arrive=30, inject_from=40, frames=36)
+    monkeypatch.setattr("napari_usguide._engine.open_scan", lambda spec: DemoScan(script=script))
+    viewer = make_napari_viewer()
+    data, kwargs, _ = scan_layer(DemoScan(script=script), name="demo")
+    viewer.add_image(data, **kwargs)
+    widget = TrainingWidget(viewer)
+    blocker = tmp_path / "session"
+    blocker.write_text("a file, not a folder")
+    widget.session_edit.setText(str(blocker))
+    viewer.dims.set_current_step(0, 1)
+    widget.place_target()
+    viewer.layers[TARGET_LAYER].add([200.0, 300.0])
+    widget.score_attempt()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    assert "not saved" in widget.status.text()
+    assert widget.last_score is not None and "final tip to target" in widget.result_label.text()

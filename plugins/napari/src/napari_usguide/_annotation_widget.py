@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_usguide._paths import path_row
+from napari_usguide._reader import layers_have_units, placement_over
 
 if TYPE_CHECKING:
     import napari
@@ -152,8 +153,9 @@ class AnnotationWidget(QWidget):
         meta = layer.metadata.get("usguide") or {}
         if meta.get("source"):
             from napari_usguide._engine import open_scan
+            from napari_usguide._reader import resolve_source
 
-            self._source = open_scan(meta["source"])
+            self._source = open_scan(resolve_source(str(meta["source"])))
         self.aset = AnnotationSet(self.annotator_edit.text())
         self._attach(layer)
         self.status.setText(f"Annotating {layer.name}.")
@@ -166,20 +168,22 @@ class AnnotationWidget(QWidget):
         for name in (LABELS_LAYER, TIPS_LAYER):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
+        # The scan's scale and units: the scale bar keeps reading mm.
+        placement = placement_over(layer, len(shape))
         self.labels_layer = self.viewer.add_labels(
             np.zeros(tuple(shape), np.uint8),
             name=LABELS_LAYER,
-            scale=layer.scale[: len(shape)],
             colormap=_class_colormap(),
             opacity=0.5,
+            **placement,
         )
         self.tips_layer = self.viewer.add_points(
             np.zeros((0, len(shape))),
             ndim=len(shape),
             name=TIPS_LAYER,
-            scale=layer.scale[: len(shape)],
             face_color="#28ff78",
             size=6,
+            **placement,
         )
         self._set_enabled()
 
@@ -264,7 +268,8 @@ class AnnotationWidget(QWidget):
         from napari.qt.threading import thread_worker
 
         self.status.setText(what + " …")
-        worker = thread_worker(fn, start_thread=False)()
+        # ignore_errors: an error is shown in the status line, not raised again.
+        worker = thread_worker(fn, start_thread=False, ignore_errors=True)()
         worker.returned.connect(done)
         worker.errored.connect(lambda e: self.status.setText(f"error: {e}"))
         worker.finished.connect(self._finished)
@@ -372,11 +377,16 @@ class AnnotationWidget(QWidget):
     def open_dataset(self, folder: str | None = None) -> None:
         """Re-open an exported dataset for more annotation (frames of one size)."""
         from usguide.annotation import AnnotationSet
+        from usguide.errors import UsguideError
 
         path = folder or self.folder_edit.text().strip()
         if not path or self.busy:
             return
-        aset = AnnotationSet.load(path, annotator=self.annotator_edit.text())
+        try:
+            aset = AnnotationSet.load(path, annotator=self.annotator_edit.text())
+        except (OSError, ValueError, KeyError, UsguideError) as error:
+            self.status.setText(f"error: {error}")
+            return
         frames = list(aset)
         if not frames or len({f.image.shape for f in frames}) != 1:
             self.status.setText("Only datasets whose frames share one size open here.")
@@ -385,12 +395,14 @@ class AnnotationWidget(QWidget):
         self.folder_edit.setText(path)
         if DATASET_LAYER in self.viewer.layers:
             self.viewer.layers.remove(DATASET_LAYER)
-        spacing = frames[0].spacing_mm or (1.0, 1.0)
+        spacing = frames[0].spacing_mm
+        units = {"units": ("pixel", "mm", "mm")} if spacing and layers_have_units() else {}
         layer = self.viewer.add_image(
             np.stack([f.image for f in frames]),
             name=DATASET_LAYER,
-            scale=(1.0, *spacing),
+            scale=(1.0, *(spacing or (1.0, 1.0))),
             rgb=frames[0].image.ndim == 3,
+            **units,
         )
         self.aset = aset
         self._attach(layer)

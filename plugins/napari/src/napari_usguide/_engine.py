@@ -41,6 +41,14 @@ DEMO = "demo"  # the source spec that opens usguide.demo.DemoScan
 MODES = ("perineural", "mesotherapy", "manual")
 
 
+class PipelineProcessError(ChildProcessError):
+    """The pipeline's child process ended, failed to start, or the scan is closed.
+
+    Not a RuntimeError on purpose: superqt's generator worker takes any RuntimeError for its own
+    deletion and ends without a signal, which left the widget "playing" forever.
+    """
+
+
 @dataclass(slots=True)
 class Published:
     """One processed frame, owned by whoever reads it (copies of the pipeline's buffers).
@@ -274,7 +282,9 @@ class GuidanceEngine(_Playback):
 
         source = open_scan(spec)
         try:
-            frame_time = source.frame_time_s or GuidanceConfig.frame_time_s
+            # No frame time (image folders, most DICOMs): the config's default. Read from an
+            # instance: on a slots dataclass the class attribute is a member descriptor.
+            frame_time = source.frame_time_s or GuidanceConfig().frame_time_s
             config = GuidanceConfig(mode=mode, frame_time_s=frame_time)  # type: ignore[arg-type]
             options = {} if threads is None else {"threads": threads}
             pipeline = Pipeline(model or None, guidance=config, **options)
@@ -400,13 +410,13 @@ _REMOTE_CALLS = frozenset(
 
 
 def _portable(error: BaseException) -> BaseException:
-    """The error itself when it survives pickling, else a RuntimeError that names it."""
+    """The error itself when it survives pickling, else a PipelineProcessError that names it."""
     import pickle
 
     try:
         pickle.loads(pickle.dumps(error))
     except Exception:  # noqa: BLE001 - any error may fail to pickle, in any way
-        return RuntimeError(f"{type(error).__name__}: {error}")
+        return PipelineProcessError(f"{type(error).__name__}: {error}")
     return error
 
 
@@ -498,7 +508,7 @@ class GuidanceProcess(_Playback):
             status, value = conn.recv()
         except EOFError:
             _end(child, conn)
-            raise RuntimeError(
+            raise PipelineProcessError(
                 f"the pipeline process ended while opening {spec} (exit code {child.returncode})"
             ) from None
         except BaseException:
@@ -509,16 +519,24 @@ class GuidanceProcess(_Playback):
             raise value
         return cls(child, conn, value)
 
+    @property
+    def closed(self) -> bool:
+        """True once closed, or once the child has ended: every call then raises."""
+        return self._closed
+
     def _call(self, name: str, *args: Any) -> Any:
         with self._call_lock:
             if self._closed:
-                raise RuntimeError("the scan is closed")
+                raise PipelineProcessError("the scan is closed")
             try:
                 self._conn.send((name, args))
                 status, value = self._conn.recv()
             except (EOFError, OSError) as error:
-                raise RuntimeError(
-                    f"the pipeline process ended (exit code {self._process.poll()})"
+                # The child is gone: reap it (no zombie) and refuse further calls.
+                self._closed = True
+                _end(self._process, self._conn)
+                raise PipelineProcessError(
+                    f"the pipeline process ended (exit code {self._process.returncode})"
                 ) from error
         if status == "error":
             raise value
@@ -599,11 +617,13 @@ def _accept(
                 conn.close()
             child.kill()
             child.wait()
-            raise RuntimeError(f"the pipeline process did not start (exit code {child.returncode})")
+            raise PipelineProcessError(
+                f"the pipeline process did not start (exit code {child.returncode})"
+            )
     if failed:
         child.kill()
         child.wait()
-        raise RuntimeError("the pipeline process did not connect") from failed[0]
+        raise PipelineProcessError("the pipeline process did not connect") from failed[0]
     return accepted[0]
 
 

@@ -19,11 +19,15 @@ All layers are created once, when a scan is opened, and updated in place afterwa
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QEvent, Qt
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -38,7 +42,7 @@ from qtpy.QtWidgets import (
 
 from napari_usguide._engine import DEMO, MODES, GuidanceProcess, Published
 from napari_usguide._paths import path_row
-from napari_usguide._reader import layers_have_units
+from napari_usguide._reader import layers_have_units, resolve_source
 
 if TYPE_CHECKING:
     import napari
@@ -77,6 +81,48 @@ def class_colormap() -> Any:
     return DirectLabelColormap(color_dict=colours)
 
 
+class PlaybackError(Exception):
+    """An error while playing, re-raised as one that superqt's generator worker reports: it
+    takes a RuntimeError for its own deletion and ends without a signal."""
+
+
+def _play(engine: GuidanceProcess, realtime: bool) -> Iterator[Published]:
+    """The play worker's body: ``engine.play`` with every error reported."""
+    try:
+        yield from engine.play(realtime=realtime)
+    except RuntimeError as error:
+        raise PlaybackError(f"{type(error).__name__}: {error}") from error
+
+
+@dataclass(slots=True)
+class _Held:
+    """What a widget owns outside Qt (the engine and its worker), reachable by the cleanup that
+    runs once the widget's C++ object is gone."""
+
+    engine: GuidanceProcess | None = None
+    worker: Any = None
+
+
+def _release(held: _Held, *_: Any) -> None:
+    """Stop the worker and end the pipeline child; touches no widget (they may be deleted)."""
+    worker, engine = held.worker, held.engine
+    held.worker = held.engine = None
+    if worker is not None:
+        with contextlib.suppress(RuntimeError):  # its signals' C++ object may be gone too
+            worker.quit()
+    if engine is not None:
+        engine.close()  # waits for the frame in flight, then the child exits
+
+
+def _alive(widget: QWidget) -> bool:
+    """False once Qt has deleted the widget (a slot can still be called on its wrapper)."""
+    try:
+        widget.objectName()
+    except RuntimeError:
+        return False
+    return True
+
+
 class GuidanceWidget(QWidget):
     """Open a scan, choose the model and options, and play, pause or step the pipeline.
 
@@ -89,9 +135,16 @@ class GuidanceWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.engine: GuidanceProcess | None = None
-        self._worker: Any = None  # the play loop or a one-off step/open, one at a time
+        # The engine and the worker (the play loop or a one-off step/open, one at a time).
+        self._held = _Held()
+        # Closing the viewer deletes this widget without a closeEvent: the child must end then.
+        self.destroyed.connect(functools.partial(_release, self._held))
         self._playing = False
+        self._error: str | None = None  # the current worker's error, kept on screen
+        self._pending_seek: int | None = None  # a slider move made while busy
+        self._placement: dict[str, Any] = {}  # the layers' scale (and units)
+        self._docked = False  # has had a parent (a dock)
+        self._closing = False  # taken out of its dock: opens in flight are dropped
         self._shown: Published | None = None  # the result on screen
         self._updating_targets = False  # our own writes to the targets layer are not edits
         self._target_ids: list[int] = []  # parallel to the targets layer's points
@@ -106,6 +159,22 @@ class GuidanceWidget(QWidget):
         self._stats_at = 0.0
         self._build()
         self._prefill_source()
+
+    @property
+    def engine(self) -> GuidanceProcess | None:
+        return self._held.engine
+
+    @engine.setter
+    def engine(self, engine: GuidanceProcess | None) -> None:
+        self._held.engine = engine
+
+    @property
+    def _worker(self) -> Any:
+        return self._held.worker
+
+    @_worker.setter
+    def _worker(self, worker: Any) -> None:
+        self._held.worker = worker
 
     # -- the form ------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -135,6 +204,8 @@ class GuidanceWidget(QWidget):
         self.slider.setMinimum(0)
         self.slider.setMaximum(0)
         self.slider.sliderReleased.connect(self._seek_released)
+        # Keys, a click on the groove, the wheel: seek at once; a drag seeks on release.
+        self.slider.valueChanged.connect(self._slider_moved)
         self.position_label = QLabel("no scan")
 
         self.stats_label = QLabel("")
@@ -191,6 +262,9 @@ class GuidanceWidget(QWidget):
         self.position_label.setText(f"opening {spec} …")
 
         def opened(engine: GuidanceProcess) -> None:
+            if not _alive(self) or self._closing:
+                engine.close()  # the widget went while the scan opened
+                return
             self._replace_engine(engine)
             self._start_one_off(engine.seek, 0)
 
@@ -201,8 +275,9 @@ class GuidanceWidget(QWidget):
 
     @staticmethod
     def _open_and_warm(spec: str, model: str | None, mode: str) -> GuidanceProcess:
-        # The pipeline runs in its own process: its Python never waits for napari's.
-        return GuidanceProcess.open(spec, model=model, mode=mode)
+        # The pipeline runs in its own process: its Python never waits for napari's. A DICOM's
+        # pseudonym (the field shows no path) opens the file it stands for.
+        return GuidanceProcess.open(resolve_source(spec), model=model, mode=mode)
 
     def _replace_engine(self, engine: GuidanceProcess) -> None:
         if self.engine is not None:
@@ -212,7 +287,9 @@ class GuidanceWidget(QWidget):
         self.displayed = self.skipped = 0
         self._shown_at.clear()
         self._latency_ms.clear()
+        self.slider.blockSignals(True)  # a shorter scan clamps the value: not a seek
         self.slider.setMaximum(engine.frame_count - 1)
+        self.slider.blockSignals(False)
         self._make_layers(engine)
 
     # -- workers -------------------------------------------------------------------------------
@@ -220,6 +297,7 @@ class GuidanceWidget(QWidget):
         # Workers are made with ignore_errors: an error is reported here (and by napari's
         # notifications), never re-raised into the event loop.
         self._worker = worker
+        self._error = None
         worker.errored.connect(self._errored)
         # Only the current worker's end counts: an open's "finished" comes after its
         # "returned" has already started the next worker.
@@ -231,6 +309,8 @@ class GuidanceWidget(QWidget):
         if worker is not self._worker:
             return
         self._worker = None
+        if not _alive(self):
+            return  # the viewer closed: _release ends the child
         was_playing, self._playing = self._playing, False
         _freeze_layer_list(self.viewer, False)
         if self.play_button.isChecked():
@@ -238,14 +318,25 @@ class GuidanceWidget(QWidget):
             self.play_button.setChecked(False)
             self.play_button.blockSignals(False)
         self.play_button.setText("Play")
-        if was_playing and self.engine is not None:
-            newest = self.engine.newest()
+        engine = self.engine
+        if was_playing and engine is not None:
+            newest = engine.newest()
             if newest is not None:
                 self._show_paused(newest)
+        if engine is not None and engine.closed:
+            self.engine = None  # its child ended: nothing more plays until a scan is opened
+        if self._error is not None:
+            self.position_label.setText(self._error)  # the redraw above wrote over it
+        elif self._pending_seek is not None and engine is not None and not engine.closed:
+            self._start_one_off(engine.seek, self._pending_seek)
+        self._pending_seek = None
         self._set_enabled()
 
     def _errored(self, error: BaseException) -> None:
-        self.position_label.setText(f"error: {error}")
+        if not _alive(self):
+            return
+        self._error = f"error: {error}"
+        self.position_label.setText(self._error)
 
     def _start_one_off(self, fn: Any, *args: Any) -> None:
         from napari.qt.threading import thread_worker
@@ -255,7 +346,7 @@ class GuidanceWidget(QWidget):
         self._run(worker)
 
     def _one_off_done(self, published: Published | None) -> None:
-        if published is not None:
+        if published is not None and _alive(self):
             self._show_paused(published)
 
     def step(self) -> None:
@@ -268,9 +359,21 @@ class GuidanceWidget(QWidget):
         self._start_one_off(self.engine.step)
 
     def _seek_released(self) -> None:
-        if self.engine is None or self._worker is not None:
+        self._seek(self.slider.value())
+
+    def _slider_moved(self, value: int) -> None:
+        if not self.slider.isSliderDown():  # while dragging, the release seeks
+            self._seek(value)
+
+    def _seek(self, index: int) -> None:
+        if self.engine is None or self._playing:
             return
-        self._start_one_off(self.engine.seek, self.slider.value())
+        if self._worker is not None:
+            self._pending_seek = index  # sought when the work in hand is done
+            return
+        if self._shown is not None and self._shown.index == index:
+            return
+        self._start_one_off(self.engine.seek, index)
 
     def play(self) -> None:
         """Start playing from the next frame."""
@@ -298,8 +401,8 @@ class GuidanceWidget(QWidget):
         if engine.at_end:
             engine.restart()
         realtime = SPEEDS[self.speed_combo.currentText()]
-        player = thread_worker(engine.play, start_thread=False, ignore_errors=True)
-        worker = player(realtime=realtime)
+        player = thread_worker(_play, start_thread=False, ignore_errors=True)
+        worker = player(engine, realtime)
         # Each yield only says "there is something new": the handler takes the newest result,
         # so a queue of stale signals after a busy moment costs nothing.
         worker.yielded.connect(self._show_newest)
@@ -324,6 +427,7 @@ class GuidanceWidget(QWidget):
         placement: dict[str, Any] = {"scale": scale}
         if layers_have_units():  # napari >= 0.6: the scale bar reads mm
             placement["units"] = ("mm", "mm") if spacing else ("pixel", "pixel")
+        self._placement = placement
 
         def reuse(key: str, make: Any, *, rgb: bool | None = None) -> Any:
             layer = existing.get(LAYER_NAMES[key])
@@ -342,16 +446,7 @@ class GuidanceWidget(QWidget):
         grey = np.zeros((rows, cols), np.uint8)
         colour = first.ndim == 3
         reuse(
-            "frame",
-            lambda kw: viewer.add_image(
-                np.zeros_like(first),
-                name=LAYER_NAMES["frame"],
-                rgb=colour,
-                contrast_limits=(0, 255),
-                colormap="gray",
-                **kw,
-            ),
-            rgb=colour,
+            "frame", lambda kw: viewer.add_layer(_frame_layer(np.zeros_like(first), kw)), rgb=colour
         )
         reuse(
             "labels",
@@ -438,7 +533,7 @@ class GuidanceWidget(QWidget):
     def _show_newest(self, *_: Any) -> None:
         """While playing: the newest result's overlay, in place, in the one RGB layer."""
         engine = self.engine
-        if engine is None or not self._playing:
+        if engine is None or not self._playing or not _alive(self):
             return
         published = engine.newest()
         if published is None or (self._shown is not None and published.seq <= self._shown.seq):
@@ -461,7 +556,7 @@ class GuidanceWidget(QWidget):
     def _show_paused(self, published: Published) -> None:
         """The result in separate, editable layers."""
         layers = self.layers
-        layers["frame"].data = published.pixels
+        self._set_frame(published.pixels)
         labels = published.labels
         if labels is None:
             labels = np.zeros(published.pixels.shape[:2], np.uint8)
@@ -483,6 +578,23 @@ class GuidanceWidget(QWidget):
             layers[key].visible = True
         layers["overlay"].visible = False
         self._count_shown(published)
+
+    def _set_frame(self, pixels: np.ndarray) -> None:
+        """The frame layer shows ``pixels``; a scan whose frames change between grey and colour
+        gets a new layer in the old one's place (an image layer's rgb is fixed)."""
+        layer = self.layers["frame"]
+        if layer.rgb == (pixels.ndim == 3):
+            layer.data = pixels
+            return
+        layers = self.viewer.layers
+        active = layers.selection.active
+        index = layers.index(layer)
+        new = _frame_layer(pixels, self._placement)
+        layers.remove(layer)
+        layers.insert(index, new)
+        self.layers["frame"] = new
+        if active is not None and active is not layer:
+            layers.selection.active = active
 
     def _set_targets(self, published: Published) -> None:
         targets = published.guidance.targets if published.guidance is not None else ()
@@ -595,6 +707,31 @@ class GuidanceWidget(QWidget):
         self.stop()
         super().closeEvent(event)
 
+    def event(self, event: QEvent) -> bool:
+        # napari's remove_dock_widget (the dock's close button) takes the widget out of its
+        # dock with setParent(None) and never closes it: the scan ends here.
+        if event.type() == QEvent.ParentChange and self.parent() is None and self._docked:
+            self._closing = True
+            self.stop()
+        elif event.type() == QEvent.ParentChange and self.parent() is not None:
+            self._docked, self._closing = True, False
+        return super().event(event)
+
+
+def _frame_layer(pixels: np.ndarray, placement: dict[str, Any]) -> Any:
+    """The frame's image layer: grey or colour as ``pixels`` are, at the scan's scale."""
+    from napari.layers import Image
+
+    colour = pixels.ndim == 3
+    return Image(
+        pixels,
+        name=LAYER_NAMES["frame"],
+        rgb=colour,
+        contrast_limits=(0, 255),
+        colormap="gray",
+        **placement,
+    )
+
 
 def _canvas_overlay(viewer: napari.viewer.Viewer, name: str) -> Any:
     """The viewer's text or scale-bar overlay (``viewer.canvas.overlays`` since napari 0.9)."""
@@ -614,9 +751,10 @@ def _freeze_layer_list(viewer: napari.viewer.Viewer, frozen: bool) -> None:
     layer_list = getattr(qt_viewer, "layers", None)
     if layer_list is None or not hasattr(layer_list, "setUpdatesEnabled"):
         return
-    if frozen:
-        layer_list.viewport().repaint()  # show the layers' new visibility before freezing
-    layer_list.setUpdatesEnabled(not frozen)
+    with contextlib.suppress(RuntimeError):  # the viewer's window is being deleted
+        if frozen:
+            layer_list.viewport().repaint()  # show the layers' new visibility before freezing
+        layer_list.setUpdatesEnabled(not frozen)
 
 
 def _refresh_pixels(layer: Any) -> None:

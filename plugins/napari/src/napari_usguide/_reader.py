@@ -50,12 +50,80 @@ def napari_get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerDa
 def read_scan(path: PathOrPaths) -> list[LayerData]:
     """Open a scan and return one image layer: ``(T, H, W[, 3])`` for several frames, else
     ``(H, W[, 3])``, with the scale in mm per pixel when the scan is calibrated."""
-    from usguide.sources import open_source
+    from usguide.annotation.deid import safe_label
+    from usguide.sources import is_dicom_file, open_source
 
     if not isinstance(path, str | os.PathLike):
         path = path[0]
     source: SeekableSource = open_source(path)  # type: ignore[assignment]
+    try:
+        _refuse_mixed_images(source)
+    except BaseException:
+        source.close()
+        raise
+    if source.kind == "dicom" or is_dicom_file(path):
+        # A DICOM's file and folder names often carry the patient's name: the layer and its
+        # metadata get the pseudonym, the path stays in this process's registry.
+        label = safe_label(str(path), dicom=True)
+        return [scan_layer(source, name=label, label=label)]
     return [scan_layer(source, name=Path(path).name or str(path))]
+
+
+# Pseudonym -> the path it stands for; never shown, read only to reopen the scan.
+_PRIVATE_SOURCES: dict[str, str] = {}
+
+
+def resolve_source(spec: str) -> str:
+    """The path behind a pseudonym given by :func:`read_scan`; any other spec unchanged."""
+    return _PRIVATE_SOURCES.get(spec.strip(), spec)
+
+
+# PIL image modes that usguide.sources.images.read_image reads as grey, or as RGB; any other
+# mode is decoded to find out.
+_GREY_MODES = frozenset({"1", "L", "I", "I;16", "I;16B", "I;16L"})
+_COLOUR_MODES = frozenset({"RGB", "RGBA", "P", "CMYK", "YCbCr"})
+
+
+def _image_kind(path: Path) -> tuple[int, int, bool] | None:
+    """``(rows, columns, colour)`` of an image file from its header; None where it cannot be
+    read (the frame's own read reports that)."""
+    from PIL import Image
+
+    from usguide.sources.images import read_image
+
+    try:
+        with Image.open(path) as image:
+            (columns, rows), mode = image.size, image.mode
+    except (OSError, ValueError):
+        return None
+    if mode in _GREY_MODES or mode in _COLOUR_MODES:
+        return rows, columns, mode in _COLOUR_MODES
+    try:
+        pixels = read_image(path, page=0)
+    except (OSError, ValueError):
+        return None
+    return int(pixels.shape[0]), int(pixels.shape[1]), pixels.ndim == 3
+
+
+def _refuse_mixed_images(source: SeekableSource) -> None:
+    """An image folder whose images differ in size, or in grey and colour, cannot be one napari
+    stack (it is declared with the first image's shape): refuse it with a clear message."""
+    files = getattr(source, "files", None)
+    if source.kind != "images" or not files or len(files) < 2:
+        return
+    first = _image_kind(files[0])
+    for path in files[1:]:
+        kind = _image_kind(path)
+        if first is not None and kind is not None and kind != first:
+            raise ValueError(
+                f"{source.source}: the images differ ({files[0].name} is {_describe(first)}, "
+                f"{path.name} is {_describe(kind)}); napari shows a folder as one stack of "
+                "one size and colour: put such images in separate folders"
+            )
+
+
+def _describe(kind: tuple[int, int, bool]) -> str:
+    return f"{kind[1]} x {kind[0]} {'RGB' if kind[2] else 'grey'}"
 
 
 def _lazy_frames(source: SeekableSource) -> Any:
@@ -79,11 +147,12 @@ def _lazy_frames(source: SeekableSource) -> Any:
     return da.stack(frames)
 
 
-def scan_layer(source: SeekableSource, *, name: str) -> LayerData:
+def scan_layer(source: SeekableSource, *, name: str, label: str | None = None) -> LayerData:
     """One napari image layer (data, keyword arguments, ``"image"``) for a recorded source.
 
     ``metadata["usguide"]`` carries the source, its spacing, frame time, regions and whether it
-    is calibrated, so widgets can open the same scan.
+    is calibrated, so widgets can open the same scan. With ``label`` (a pseudonym), the source
+    is that label; :func:`resolve_source` turns it back into the path.
     """
     data = _lazy_frames(source)
     spacing = source.spacing_mm
@@ -92,9 +161,13 @@ def scan_layer(source: SeekableSource, *, name: str) -> LayerData:
     scale = ((1.0,) if source.frame_count > 1 else ()) + yx
     if not spacing:
         name = f"{name} (uncalibrated, px)"
+    shown_source = source.source
+    if label is not None:
+        _PRIVATE_SOURCES[label] = str(source.source)
+        shown_source = label
     metadata = {
         "usguide": {
-            "source": source.source,
+            "source": shown_source,
             "kind": source.kind,
             "frames": source.frame_count,
             "frame_time_s": source.frame_time_s,
@@ -122,3 +195,14 @@ def layers_have_units() -> bool:
     from napari.layers import Image
 
     return "units" in inspect.signature(Image.__init__).parameters
+
+
+def placement_over(scan: Any, ndim: int) -> dict[str, Any]:
+    """The scale (and, napari >= 0.6, the units) of ``scan``'s last ``ndim`` axes, for a layer
+    drawn over it, so that its data are the scan's pixels; pixels without a scan."""
+    if scan is None:
+        return {"scale": (1.0,) * ndim}
+    placement: dict[str, Any] = {"scale": tuple(scan.scale[-ndim:])}
+    if layers_have_units():
+        placement["units"] = tuple(str(u) for u in scan.units[-ndim:])
+    return placement

@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_usguide._paths import path_row
+from napari_usguide._reader import placement_over
 
 if TYPE_CHECKING:
     import napari
@@ -113,19 +114,22 @@ class TrainingWidget(QWidget):
         return 0
 
     def target_layer(self) -> Any:
-        """The points layer that holds the target (made once, at the scan's scale)."""
+        """The points layer that holds the target (made once), at the current scan's scale and
+        units: its data are that scan's pixels, whichever scan came first."""
+        placement = placement_over(self._scan_layer(), 2)
         if TARGET_LAYER in self.viewer.layers:
-            return self.viewer.layers[TARGET_LAYER]
-        scan = self._scan_layer()
-        scale = tuple(scan.scale[-2:]) if scan is not None else (1.0, 1.0)
+            layer = self.viewer.layers[TARGET_LAYER]
+            for key, value in placement.items():
+                setattr(layer, key, value)
+            return layer
         layer = self.viewer.add_points(
             np.zeros((0, 2)),
             ndim=2,
             name=TARGET_LAYER,
-            scale=scale,
             symbol="cross",
             size=12,
             face_color="#ff40ff",
+            **placement,
         )
         layer.events.data.connect(self._target_moved)
         return layer
@@ -169,7 +173,8 @@ class TrainingWidget(QWidget):
         spec = self.source_edit.text().strip() or "demo"
         self.status.setText("Scoring the recorded approach …")
         self.score_button.setEnabled(False)
-        worker = thread_worker(_score, start_thread=False)(
+        # ignore_errors: an error is shown in the status line (_failed), not raised again.
+        worker = thread_worker(_score, start_thread=False, ignore_errors=True)(
             spec, target, self.target_frame, self.model
         )
         worker.returned.connect(lambda score: self._scored(score, spec))
@@ -181,13 +186,19 @@ class TrainingWidget(QWidget):
     def _scored(self, score: ApproachScore, spec: str) -> None:
         from usguide.approach_score import SessionSummary
 
-        folder = Path(self.session_edit.text().strip() or DEFAULT_SESSION)
-        summary = SessionSummary(
-            folder / "session.csv", folder / "session.json", trainee=self.trainee_edit.text()
-        )
-        self.last_row = summary.append(score, source=spec)
+        # The score is shown whether or not the session files can be written.
         self.last_score = score
         self.result_label.setText("\n".join(score.lines()))
+        folder = Path(self.session_edit.text().strip() or DEFAULT_SESSION)
+        try:
+            summary = SessionSummary(
+                folder / "session.csv", folder / "session.json", trainee=self.trainee_edit.text()
+            )
+            self.last_row = summary.append(score, source=spec)
+        except (OSError, ValueError) as error:
+            self.last_row = None
+            self.status.setText(f"Attempt scored but not saved: {error}")
+            return
         self.status.setText(f"Attempt {self.last_row['attempt']} saved to {folder}.")
 
     def _failed(self, error: BaseException) -> None:
@@ -203,9 +214,10 @@ def _score(
 ) -> ApproachScore:
     """Worker body: open the recording, play it through the pipeline, score it."""
     from napari_usguide._engine import open_scan
+    from napari_usguide._reader import resolve_source
     from usguide.approach_score import pipeline_analyser, score_recording
 
-    source = open_scan(spec)
+    source = open_scan(resolve_source(spec))  # the summary records spec: a DICOM's pseudonym
     try:
         return score_recording(
             source, target, target_frame=target_frame, analyse=pipeline_analyser(model)
