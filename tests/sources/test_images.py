@@ -149,3 +149,22 @@ def test_a_folder_says_which_entries_it_does_not_read(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"2 entries .* not read \(more/, scan.dcm\)"):
         source = ImageSource(tmp_path)
     assert source.frame_count == 1
+
+
+def test_images_of_one_size_from_other_scans_get_their_own_region(tmp_path: Path) -> None:
+    """A folder of independent images: the first image's imaging area is not imposed on an
+    image whose own lies elsewhere (it cut off labelled anatomy); frames of one layout keep one
+    region."""
+    rng = np.random.default_rng(0)
+
+    def scan(x0: int, x1: int) -> np.ndarray:
+        image = np.zeros((240, 320), np.uint8)
+        image[20:220, x0:x1] = rng.integers(40, 200, (200, x1 - x0), dtype=np.uint8)
+        return image
+
+    for name, (x0, x1) in {"a": (10, 200), "b": (120, 310), "c": (10, 200)}.items():
+        assert cv2.imwrite(str(tmp_path / f"{name}.png"), scan(x0, x1))
+    with ImageSource(tmp_path) as source:
+        a, b, c = (f.region.bbox for f in source)
+    assert a[0] < 20 and a[2] < 210 and b[0] > 110 and b[2] > 300
+    assert c == a
