@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from usguide.cli import app
 from usguide.segment import DEFAULT_MODEL
+from usguide.sources.images import read_mask
 
 pytestmark = pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="shipped model missing")
 runner = CliRunner()
@@ -145,3 +146,21 @@ def test_an_output_path_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "taken" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_evaluate_a_binary_mask_scores_its_class_only(tmp_path: Path) -> None:
+    """A 0/255 nerve mask says nothing about vessels: they are not scored (they had been, as
+    'absent' with a false-positive rate)."""
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for path in sorted((SAMPLES / "masks").glob("*.png"))[:3]:
+        binary = np.where(read_mask(path) == 1, 255, 0).astype(np.uint8)
+        assert cv2.imwrite(str(masks / path.name), binary)
+    report = tmp_path / "eval.json"
+    result = runner.invoke(
+        app,
+        ["evaluate", "--images", str(SAMPLES / "images"), "--masks", str(masks),
+         "--binary-class", "nerve", "--json", str(report)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(report.read_text())["classes"]) == {"nerve"}

@@ -409,6 +409,8 @@ def evaluate(
             if binary_class not in CLASS_NAMES[1:]:
                 raise typer.BadParameter(f"unknown class {binary_class!r}")
             binary = CLASS_NAMES.index(binary_class)
+            if not classes:  # a 0/255 mask of one class says nothing of the others
+                labelled = [i in (0, binary) for i in range(len(CLASS_NAMES))]
         mask_files = {p.stem: p for p in list_images(masks)} if Path(masks).is_dir() else {}
         image_files = [p for p in list_images(images)] if Path(images).is_dir() else []
         if not image_files:
