@@ -206,6 +206,8 @@ def run(
                 fp += 1
             else:
                 tn += 1
+        if waiting_since is not None:
+            misses += 1  # the sequence ended with the tip back and not picked up
     e, a = np.array(tip_err), np.array(angle_err)
     return {
         "frames": tp + fp + fn + tn,
