@@ -452,3 +452,29 @@ def test_random_pocket_is_fluid_beside_the_nerve_not_nerve(test_data) -> None:
         # The nerve is not flooded: it keeps most of its pixels.
         assert (labels == NERVE).sum() >= 0.8 * (mask == NERVE).sum()
     assert drawn_fluid >= 4  # a pocket may fall where the tissue is already black
+
+
+def test_a_frame_without_the_pocket_does_not_make_it_grow_later(scan):
+    """The tip looks away for one frame (nothing detected): a second later, the unchanged pocket
+    was measured against that frame's zero area and reported growing."""
+    image, mask = scan
+    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    pocket = render_injectate(
+        grey, BESIDE, (40, 30), rng=np.random.default_rng(7), spacing_mm=SPACING, region=BOX
+    ).image
+    noise = np.random.default_rng(0)
+    stage = InjectateSpread()
+    growing = []
+    for i in range(60):
+        base = grey if i == 0 else pocket
+        noisy = np.clip(np.rint(base + noise.normal(0, 3, grey.shape)), 0, 255).astype(np.uint8)
+        frame = frame_of(noisy, i)
+        if i == 0:
+            stage.arm(frame, BESIDE)
+        tip = (BESIDE[0] + 150, BESIDE[1] + 120) if i == 30 else BESIDE
+        state = stage(frame, mask, tip)
+        if i >= 25:
+            growing.append(state.growing)
+        if i == 49:
+            assert state.detected
+    assert not any(growing)

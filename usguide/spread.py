@@ -739,6 +739,10 @@ class InjectateSpread:
         """Record the area; True when it rose over the last ``growth_window_s``."""
         cfg = self.config
         hist = self._history
+        if area_px == 0 and hist and hist[-1][1] > 0:
+            # A frame without the pocket (the tip looked away) is no reference: growth a second
+            # later would be measured from nothing.
+            return False
         hist.append((t, area_px))
         while len(hist) >= 2 and hist[1][0] <= t - cfg.growth_window_s:
             hist.popleft()
