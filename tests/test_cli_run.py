@@ -88,7 +88,9 @@ def test_demo_writes_its_folder(tmp_path: Path) -> None:
     folder = tmp_path / "demo"
     result = runner.invoke(app, ["demo", "--out", str(folder)])
     assert result.exit_code == 0, result.output
-    assert "0.08 mm/px assumed" in result.output
+    assert "0.08 mm/px assumed" in result.output and "CC BY 4.0" in result.output
+    about = (folder / "ABOUT.txt").read_text()  # the adapted image's attribution travels along
+    assert "USGRA-Seg" in about and "CC BY 4.0" in about and "0.08 mm per pixel" in about
     records = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
     assert len(records) == 170
     assert (folder / "overlay.mp4").stat().st_size > 10_000

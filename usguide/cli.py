@@ -732,19 +732,22 @@ def demo(
 ) -> None:
     """Run the whole pipeline on the bundled demo scan: a nerve-block cine built from one real
     frame (USGRA-Seg, CC BY 4.0) with simulated probe motion, a needle advancing to the nerve
-    and an injection. Writes overlay.mp4 and results.jsonl into the --out folder."""
+    and an injection. Writes overlay.mp4 and results.jsonl into the --out folder, with
+    ABOUT.txt (the source's attribution and the assumed spacing)."""
     from pathlib import Path
 
-    from usguide.demo import DEMO_SPACING_MM, DemoScan
+    from usguide.demo import DEMO_ABOUT, DEMO_SPACING_MM, DemoScan
     from usguide.pipeline import Pipeline
 
     folder = Path(out_dir)
     with user_errors():
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / "ABOUT.txt").write_text(DEMO_ABOUT)
         source = DemoScan()
         err.print(
             f"demo scan: {source.frame_count} frames at {source.frame_rate_hz:g} fps, "
-            f"{DEMO_SPACING_MM} mm/px assumed (the source image carries no calibration)"
+            f"{DEMO_SPACING_MM} mm/px assumed (the source image carries no calibration); "
+            "from USGRA-Seg image 0212, CC BY 4.0"
         )
         summary = run_pipeline(
             source,
@@ -755,7 +758,7 @@ def demo(
             live=False,
             max_frames=None,
         )
-    out.print(f"demo written to {folder.resolve()}: overlay.mp4, results.jsonl")
+    out.print(f"demo written to {folder.resolve()}: overlay.mp4, results.jsonl, ABOUT.txt")
     if summary.frames_processed != source.frame_count:
         raise typer.Exit(1)
 

@@ -33,6 +33,22 @@ DEMO_FPS = 20.0
 DEMO_SIZE = (512, 640)  # rows, columns: the imaging area sits in a scanner-like frame
 
 
+# Written beside the demo's outputs: the overlay video is adapted from a CC BY 4.0 image, and
+# its millimetres rest on an assumed spacing.
+DEMO_ABOUT = f"""usguide demo: overlay.mp4 and results.jsonl
+
+Source image: USGRA-Seg image 0212 (a peripheral-nerve-block scan; GitHub tmkand/usgra-seg,
+dataset/), licensed CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/). Please cite the
+USGRA-Seg authors. Changes: the frame is moved as a hand-held probe moves, and a needle and an
+injection are rendered onto it; the overlay draws usguide's labels and guidance over it.
+
+Spacing: the source image carries no calibration. The demo assumes {DEMO_SPACING_MM} mm per pixel,
+so every millimetre in these files rests on that assumption.
+
+usguide is not a medical device.
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class DemoScript:
     """Frame numbers of the demo's phases (at :data:`DEMO_FPS`)."""
