@@ -5,7 +5,8 @@ Usage::
     python benchmarks/segment_accuracy.py [--model-dir models/usguide-seg] [--data DIR] [--seed 0]
                                           [--sector]
 
-1. Per-class Dice with bootstrap 95% intervals on the validation split (the split training used,
+1. Per-class Dice with bootstrap 95% intervals (resampling whole near-duplicate groups) on the
+   validation split (the split training used,
    same seed), at each image's native size through the runtime stage, for every inference
    engine installed and every model file in the folder side by side (model.onnx as shipped,
    model_fp32.onnx):
@@ -56,8 +57,9 @@ POCKETS_PER_IMAGE = 3
 
 def validation_triples(
     root: str | None, seed: int, sector: bool = False
-) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[bool, ...], str]]:
-    """(image, truth, labelled, kind) for the validation split, plus needle renders."""
+) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[bool, ...], str, str]]:
+    """(image, truth, labelled, kind, group) for the validation split, plus needle renders; the
+    group is the image's near-duplicate group, shared by its renders."""
     rng = np.random.default_rng(seed + 20_000)
     for dataset in (UsgraSeg(root), DlTrackApo(root)):
         _, val = split(dataset, val_fraction=0.2, seed=seed)
@@ -73,7 +75,8 @@ def validation_triples(
                 grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
                 image, truth, imaged = sector_view(grey, truth, box)
                 image, truth = image * imaged, truth * imaged
-            yield image, truth, s.labelled, dataset.__class__.__name__
+            group = f"{dataset.__class__.__name__}/{s.group}"
+            yield image, truth, s.labelled, dataset.__class__.__name__, group
             for _ in range(NEEDLES_PER_IMAGE):
                 pose = random_pose(image.shape, rng, region=box)
                 rendered = render_needle(image, pose, rng=rng, region=box)
@@ -81,7 +84,7 @@ def validation_triples(
                 mask = truth.copy()
                 mask[drawn] = NEEDLE
                 shown = rendered.image if imaged is None else rendered.image * imaged
-                yield shown, mask, NEEDLE_ONLY, "needle"
+                yield shown, mask, NEEDLE_ONLY, "needle", group
 
 
 def fluid_beside_nerve(model: Path, root: str | None, seed: int) -> tuple[float, float, int]:
@@ -178,8 +181,8 @@ def main() -> None:
         for model in models:
             seg = Segmenter(model, engine=engine)
             table = DiceTable()
-            for image, truth, labelled, _ in triples:
-                table.add(seg(as_frame(image)).copy(), truth, labelled)
+            for image, truth, labelled, _, group in triples:
+                table.add(seg(as_frame(image)).copy(), truth, labelled, group)
             print(f"\n## {model.name}, {engine}\n")
             print(format_table(table.summary(seed=args.seed)))
     if args.sector:

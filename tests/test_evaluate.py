@@ -46,3 +46,19 @@ def test_table_ignores_unlabelled_classes() -> None:
 def test_shape_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="differ in shape"):
         DiceTable().add(np.zeros((4, 4), np.uint8), np.zeros((4, 5), np.uint8), [True] * 5)
+
+
+def test_bootstrap_resamples_whole_groups() -> None:
+    """Ten near-duplicates of one scan are one draw, not ten: two scans scoring 0 and 1 leave
+    the mean anywhere from 0 to 1."""
+    values = [0.0] * 10 + [1.0] * 10
+    lo, hi = bootstrap_ci(values)
+    assert 0.25 < lo < hi < 0.75
+    assert bootstrap_ci(values, groups=["a"] * 10 + ["b"] * 10) == (0.0, 1.0)
+    table = DiceTable()
+    for i, score in enumerate(values):
+        truth = np.zeros((4, 4), np.uint8)
+        truth[:2] = 1
+        pred = truth if score else np.zeros_like(truth)
+        table.add(pred, truth, [True, True, False, False, False], group="ab"[i // 10])
+    assert table.summary()["nerve"]["ci95"] == [0.0, 1.0]

@@ -23,14 +23,32 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def bootstrap_ci(
-    values: Sequence[float], *, n_resamples: int = 2000, level: float = 0.95, seed: int = 0
+    values: Sequence[float],
+    *,
+    groups: Sequence[str] | None = None,
+    n_resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values``; (nan, nan) when empty."""
+    """Percentile bootstrap interval of the mean of ``values``; (nan, nan) when empty.
+
+    With ``groups`` (one per value), whole groups are resampled: near-duplicate frames of one
+    scan are not independent, and resampling them one by one makes the interval too narrow.
+    """
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(n_resamples, v.size))].mean(axis=1)
+    if groups is None:
+        means = v[rng.integers(0, v.size, size=(n_resamples, v.size))].mean(axis=1)
+    else:
+        if len(groups) != v.size:
+            raise ValueError(f"{len(groups)} groups for {v.size} values")
+        _, member = np.unique(np.asarray(groups), return_inverse=True)
+        sums = np.bincount(member, weights=v)
+        counts = np.bincount(member).astype(np.float64)
+        picks = rng.integers(0, sums.size, size=(n_resamples, sums.size))
+        means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
     tail = (1.0 - level) / 2.0
     lo, hi = np.quantile(means, [tail, 1.0 - tail])
     return float(lo), float(hi)
@@ -49,9 +67,18 @@ class DiceTable:
     min_false_px: int = 20
     per_class: dict[str, list[float]] = field(default_factory=dict)
     absent: dict[str, list[bool]] = field(default_factory=dict)
+    groups: dict[str, list[str | None]] = field(default_factory=dict)
 
-    def add(self, pred: np.ndarray, truth: np.ndarray, labelled: Sequence[bool]) -> None:
-        """Score one label map ``pred`` against ``truth`` (both (H, W) uint8 class indices)."""
+    def add(
+        self,
+        pred: np.ndarray,
+        truth: np.ndarray,
+        labelled: Sequence[bool],
+        group: str | None = None,
+    ) -> None:
+        """Score one label map ``pred`` against ``truth`` (both (H, W) uint8 class indices).
+        ``group`` names the image's near-duplicate group: the interval resamples whole groups
+        when every image of a class has one."""
         if pred.shape != truth.shape:
             raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
         for c, name in enumerate(self.class_names):
@@ -61,6 +88,7 @@ class DiceTable:
             p = pred == c
             if t.any():
                 self.per_class.setdefault(name, []).append(dice(p, t))
+                self.groups.setdefault(name, []).append(group)
             else:
                 self.absent.setdefault(name, []).append(int(p.sum()) > self.min_false_px)
 
@@ -72,7 +100,11 @@ class DiceTable:
             absent = self.absent.get(name, [])
             if not values and not absent:
                 continue
-            lo, hi = bootstrap_ci(values, seed=seed)
+            groups = self.groups.get(name, [])
+            grouped = [g for g in groups if g is not None]
+            lo, hi = bootstrap_ci(
+                values, groups=grouped if len(grouped) == len(values) else None, seed=seed
+            )
             out[name] = {
                 "dice": float(np.mean(values)) if values else None,
                 "ci95": [lo, hi] if values else None,
