@@ -24,7 +24,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["find_imaging_region"]
+__all__ = ["box_iou", "find_imaging_region"]
 
 # Most pixels in the working copy. Frames are shrunk by a whole factor (1152x864 and 640x480 by
 # 2), which keeps the box within about that factor of the full-resolution answer and the whole
@@ -57,6 +57,11 @@ _TWIN_FRACTION = 0.3
 # to the next is abrupt; a run of lines is UI when at least this share of it is near background.
 _STEP = 0.15
 _HOLLOW = 0.3
+# Widest line (fraction of the full width) of a cut: up to this share of the profile (one line of
+# text) it may be half as wide as the image; a deeper cut (a block of text lines) only this narrow.
+_TEXT_LINE_DEPTH = 0.04
+_TEXT_LINE_WIDTH = 0.5
+_TEXT_BLOCK_WIDTH = 0.3
 # Side canvas: a 3x3 grey range of at least this is texture; a row (column) with this share of
 # texture holds tissue; a column flat at a canvas level on this share of the tissue rows is canvas
 # (an echo anywhere down the column, such as the skin line above a shadow, makes it image).
@@ -426,7 +431,18 @@ def _trim_profile(profile: np.ndarray, hollow: np.ndarray, offset: int) -> tuple
         while i > 0 and order[i - 1] >= order[i] - step:
             i -= 1
         # Cut only narrow lines behind an abrupt step that are largely background (text).
-        if i > 0 and order[:i].max() <= 0.5 * full and gaps[:i].sum() >= _HOLLOW * order[:i].sum():
+        if i == 0 or gaps[:i].sum() < _HOLLOW * order[:i].sum():
+            continue
+        # A line or two (a ragged edge, one line of text) may be up to half as wide as the image;
+        # a deeper cut must be a text block, far narrower than the image. The tapering far part
+        # of a fan is as hollow (dark tissue) and steps down where its floor curves, but it stays
+        # wide next to the step, so it is kept.
+        if i <= _TEXT_LINE_DEPTH * profile.size:
+            narrow = order[:i].max() <= _TEXT_LINE_WIDTH * full
+        else:
+            # The line at the step may straddle it (the image's first, partly covered line).
+            narrow = order[: i - 1].max() <= _TEXT_BLOCK_WIDTH * full
+        if narrow:
             keep[end] = i if end == 0 else profile.size - 1 - i
     return offset + keep[0], offset + keep[1]
 
@@ -442,3 +458,15 @@ def _to_full(
     fx1 = width - 1 if x1 == w - 1 else f * x1 + f - 1
     fy1 = height - 1 if y1 == h - 1 else f * y1 + f - 1
     return f * x0, f * y0, min(fx1, width - 1), min(fy1, height - 1)
+
+
+def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection over union of two inclusive ``(x0, y0, x1, y1)`` boxes."""
+    ix = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    iy = min(a[3], b[3]) - max(a[1], b[1]) + 1
+    if ix <= 0 or iy <= 0:
+        return 0.0
+    inter = ix * iy
+    area_a = (a[2] - a[0] + 1) * (a[3] - a[1] + 1)
+    area_b = (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
+    return inter / (area_a + area_b - inter)
