@@ -292,8 +292,11 @@ def test_region_detection_reuses_frame_zero(video: Path, monkeypatch: pytest.Mon
         calls.append(frame_id(pixels))
         return (10, 20, 629, 459)
 
+    from usguide.imaging_region import box_iou
+
     stub = types.ModuleType("usguide.imaging_region")
     stub.find_imaging_region = find_imaging_region  # type: ignore[attr-defined]
+    stub.box_iou = box_iou  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "usguide.imaging_region", stub)
     with VideoFileSource(video, spacing_mm=0.1) as src:
         decodes = 0
@@ -306,11 +309,47 @@ def test_region_detection_reuses_frame_zero(video: Path, monkeypatch: pytest.Mon
 
         monkeypatch.setattr(src, "_decode_next", counting)
         frames = list(src)
-    assert calls == [0]  # detected once, on frame 0
-    assert decodes == N_FRAMES  # and frame 0 was not decoded again for it
+    # Detected on 5 frames over the first second (25 fps); frame 0 was not decoded again for it.
+    assert calls == [0, 6, 12, 18, 24]
+    assert decodes == N_FRAMES + 4
+    assert [frame_id(f.pixels) for f in frames] == list(range(N_FRAMES))
     assert frames[0].region.origin == "detected"
     assert frames[0].region.bbox == (10, 20, 629, 459)
     assert frames[-1].spacing_mm == (0.1, 0.1)
+
+
+def test_detected_region_covers_a_far_field_dark_on_frame_zero(tmp_path: Path) -> None:
+    # A steady imaging area whose lower part is dark (border-black) on frame 0 only: detection on
+    # frame 0 alone stopped at y1 ~299; the union over the first second's frames holds it all.
+    rng = np.random.default_rng(0)
+    path = tmp_path / "far_field.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), FPS, SIZE)
+    for i in range(30):
+        grey = np.zeros((SIZE[1], SIZE[0]), np.uint8)
+        speckle = rng.rayleigh(70.0, (360, 440)).clip(0, 255).astype(np.uint8)
+        grey[60:420, 100:540] = cv2.GaussianBlur(speckle, (0, 0), 0.8)
+        if i == 0:
+            grey[300:420, 100:540] = 0
+        writer.write(cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR))
+    writer.release()
+    with VideoFileSource(path) as src:
+        region = src.imaging_region
+        frames = list(src)
+    assert region.origin == "detected"
+    x0, y0, x1, y1 = region.bbox
+    assert abs(x0 - 100) <= 4 and abs(y0 - 60) <= 4 and abs(x1 - 539) <= 4, region.bbox
+    assert abs(y1 - 419) <= 4, region.bbox
+    assert len(frames) == 30 and frames[1].region.bbox == region.bbox
+
+
+@pytest.mark.skipif(not LUNG_VIDEOS, reason="shared data lung-videos absent (set USGUIDE_DATA)")
+def test_real_clip_region_is_not_one_frames_outlier() -> None:
+    # patient_22_R1: frame 0 alone gives y1 266 of 349 (a dark far field); others reach ~344.
+    path = next((p for p in LUNG_VIDEOS if p.name == "patient_22_R1.mp4"), None)
+    if path is None:
+        pytest.skip("patient_22_R1.mp4 absent from the shared data mirror")
+    with VideoFileSource(path) as src:
+        assert src.imaging_region.bbox[3] >= 330, src.imaging_region.bbox
 
 
 def test_user_spacing_and_region(video: Path) -> None:

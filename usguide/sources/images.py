@@ -226,10 +226,10 @@ class ImageSource(SeekableSource):
             frame = replace(super().make_frame(index, pixels, timestamp_s), source=source)
             if index == 0 or frame.region.origin != "detected":
                 return frame
-            from usguide.imaging_region import find_imaging_region
+            from usguide.imaging_region import box_iou, find_imaging_region
 
             bbox = find_imaging_region(pixels)
-            if bbox is None or _iou(bbox, frame.region.bbox) >= _SAME_REGION_IOU:
+            if bbox is None or box_iou(bbox, frame.region.bbox) >= _SAME_REGION_IOU:
                 return frame
             region = Region(bbox, self._user_spacing, True, "detected", "found in the pixels")
             return replace(frame, region=region, spacing_mm=region.spacing_mm, regions=(region,))
@@ -265,15 +265,6 @@ class ImageSource(SeekableSource):
 # Rectangles found in two images of one size that overlap at least this much (intersection
 # over union) are one layout: the first image's is kept.
 _SAME_REGION_IOU = 0.9
-
-
-def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    """Intersection over union of two inclusive (x0, y0, x1, y1) rectangles."""
-    w = min(a[2], b[2]) - max(a[0], b[0]) + 1
-    h = min(a[3], b[3]) - max(a[1], b[1]) + 1
-    inter = max(0, w) * max(0, h)
-    area = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
-    return inter / (area - inter)
 
 
 def read_mask(path: str | os.PathLike[str], *, binary_class: int | None = None) -> np.ndarray:

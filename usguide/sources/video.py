@@ -56,6 +56,12 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 # A forward jump this short is cheaper to decode through than to seek (a seek decodes from the
 # previous key frame, often further back than this).
 _GRAB_AHEAD = 32
+# Region detection samples this many frames spread over the clip's first DETECT_SPAN_S seconds:
+# one frame's dark far field can pass for border, and a steady probe's imaging area is fixed.
+_DETECT_FRAMES = 5
+_DETECT_SPAN_S = 1.0
+# A sampled box counts when it overlaps the median of the samples this much (IoU).
+_DETECT_AGREE = 0.5
 
 
 def fourcc_text(code: float) -> str:
@@ -128,7 +134,8 @@ class VideoFileSource(SeekableSource):
     region : (x0, y0, x1, y1), optional
         Imaging rectangle in inclusive pixels.
     detect_region : bool
-        Find the imaging area in the first frame (else the whole frame is the region).
+        Find the imaging area in a few frames from the first second and take the union of
+        their boxes (else the whole frame is the region).
 
     Raises
     ------
@@ -381,6 +388,46 @@ class VideoFileSource(SeekableSource):
 
     def _first_pixels(self) -> np.ndarray | None:
         return self._first
+
+    def _fallback_region(self) -> Region:
+        """The union of the imaging areas found in a few frames from the clip's start.
+
+        Detection on one frame under-reads a dark far field that changes from frame to frame
+        (lung B-mode: y1 266 on one frame, 344 on the next); the imaging area itself is fixed, so
+        the union of the boxes that agree with the others holds it all. Boxes far from the
+        median of the samples (a blank or frozen frame) are left out.
+        """
+        if not self._detect_region:
+            return super()._fallback_region()
+        from usguide.imaging_region import box_iou, find_imaging_region
+
+        rate = 1.0 / self._frame_time if self._frame_time else 25.0
+        last = min(self._n - 1, max(0, round(_DETECT_SPAN_S * rate) - 1))
+        picks = sorted({round(x) for x in np.linspace(0, last, _DETECT_FRAMES)})
+        boxes = []
+        for index in picks:
+            if index == 0:
+                pixels: np.ndarray | None = self._first  # decoded at open; not again
+            else:
+                decoded = self._decode_at(index)
+                pixels = None if decoded is None else decoded[0]
+            bbox = None if pixels is None else find_imaging_region(pixels)
+            if bbox is not None:
+                boxes.append(bbox)
+        if not boxes:
+            return Region.whole(*self.shape, self._user_spacing)
+        median = tuple(int(v) for v in np.median(np.array(boxes), axis=0))
+        kept = [b for b in boxes if box_iou(b, median) >= _DETECT_AGREE] or boxes
+        union = (
+            min(b[0] for b in kept),
+            min(b[1] for b in kept),
+            max(b[2] for b in kept),
+            max(b[3] for b in kept),
+        )
+        note = f"found in the pixels of {len(kept)} frames"
+        if self._user_spacing is not None:
+            note += "; spacing given by the user"
+        return Region(union, self._user_spacing, True, "detected", note)
 
     def _info_details(self) -> dict[str, Any]:
         return {
