@@ -16,11 +16,14 @@ from napari_usguide._guidance_widget import LAYER_NAMES, SPEEDS, GuidanceWidget
 WAIT_MS = 120_000  # opening loads the ONNX model; CI machines are slow
 
 
-def _open(viewer: Any, qtbot: Any, *, speed: str = "every frame (as fast as it goes)") -> Any:
+def _open(
+    viewer: Any, qtbot: Any, *, speed: str = "every frame (as fast as it goes)", source: str = ""
+) -> Any:
     widget = GuidanceWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Needle guidance")
     widget.speed_combo.setCurrentText(speed)
-    widget.open_scan()  # the empty source field means the demo scan
+    widget.source_edit.setText(source)
+    widget.open_scan()  # an empty source field means the demo scan
     qtbot.waitUntil(lambda: widget._worker is None and widget._shown is not None, timeout=WAIT_MS)
     return widget
 
@@ -198,12 +201,7 @@ def test_an_error_while_playing_stays_on_screen(
     make_napari_viewer: Any, qtbot: Any, tmp_path: Any
 ) -> None:
     viewer = make_napari_viewer()
-    widget = GuidanceWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Needle guidance")
-    widget.source_edit.setText(str(_image_folder(tmp_path, corrupt=3)))
-    widget.speed_combo.setCurrentText("every frame (as fast as it goes)")
-    widget.open_scan()
-    qtbot.waitUntil(lambda: widget._worker is None and widget._shown is not None, timeout=WAIT_MS)
+    widget = _open(viewer, qtbot, source=str(_image_folder(tmp_path, corrupt=3)))
     widget.play()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=WAIT_MS)
     assert widget._shown.index == 2
@@ -235,11 +233,7 @@ def test_a_scan_turning_from_grey_to_colour_shows_colour_frames(
     make_napari_viewer: Any, qtbot: Any, tmp_path: Any
 ) -> None:
     viewer = make_napari_viewer()
-    widget = GuidanceWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Needle guidance")
-    widget.source_edit.setText(str(_image_folder(tmp_path, rgb_from=1)))
-    widget.open_scan()
-    qtbot.waitUntil(lambda: widget._worker is None and widget._shown is not None, timeout=WAIT_MS)
+    widget = _open(viewer, qtbot, source=str(_image_folder(tmp_path, rgb_from=1)))
     assert not viewer.layers[LAYER_NAMES["frame"]].rgb
     widget.step()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=WAIT_MS)
