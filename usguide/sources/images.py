@@ -95,16 +95,18 @@ def read_image(path: str | os.PathLike[str], page: int | None = None) -> np.ndar
     p = Path(path)
     if not p.is_file():
         raise SourceNotFoundError(path, "no such file")
-    pages = page_count(p)
-    if page is None and pages > 1:
-        raise UnsupportedFormatError(
-            path, f"a TIFF of {pages} pages: read it as a sequence (ImageSource), one frame a page"
-        )
+    if page is None:  # the pages are counted only here: a sequence knows them already
+        pages = page_count(p)
+        if pages > 1:
+            raise UnsupportedFormatError(
+                path,
+                f"a TIFF of {pages} pages: read it as a sequence (ImageSource), one frame a page",
+            )
     if page:  # a later page of a TIFF cine: OpenCV reads it alone
-        if not 0 <= page < pages:
-            raise ValueError(f"{path}: page {page} of a file of {pages} pages")
         ok, mats = cv2.imreadmulti(str(p), start=page, count=1, flags=cv2.IMREAD_UNCHANGED)
-        image = mats[0] if ok and mats else None
+        if not (ok and mats):
+            raise CorruptSourceError(path, f"page {page} cannot be read (no such page, or corrupt)")
+        image = mats[0]
     else:
         data = np.fromfile(p, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII paths too
         image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
