@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -203,6 +205,45 @@ def test_live_mode_takes_the_newest_frame_and_counts_drops(pipeline: Pipeline) -
     processed_in_order = []
     run_live(pipeline, frames[:5], [], pace_s=0.2, on_frame=lambda r: processed_in_order.append(r))
     assert [r.frame.index for r in processed_in_order] == [0, 1, 2, 3, 4]
+
+
+def test_live_mode_keeps_the_last_frame_when_the_source_ends_first(pipeline: Pipeline) -> None:
+    """The source ends while its last frame still waits for the processing loop: that frame
+    is processed, never replaced by the end of the run (a recording's last frame was lost)."""
+    frames = frames_of(DemoScan(), range(4))
+    first_taken, source_done = threading.Event(), threading.Event()
+
+    def source() -> Iterator[Frame]:
+        yield frames[0]
+        assert first_taken.wait(5.0)  # the rest only once the loop holds the first
+        yield from frames[1:]
+        source_done.set()
+
+    def capture_ended() -> bool:
+        return not any(t.name == "usguide-capture" for t in threading.enumerate())
+
+    def wait_for_the_end(r: FrameResult) -> None:
+        # Hold the loop on its first frame until the capture thread has posted the end: the
+        # frames after it pile up in the mailbox, the newest one with the end.
+        if r.frame.index == 0:
+            first_taken.set()
+            assert source_done.wait(5.0)
+            for _ in range(500):
+                if capture_ended():
+                    break
+                time.sleep(0.01)
+            assert capture_ended()
+
+    seen: list[int] = []
+    summary = run_live(
+        pipeline,
+        source(),
+        [],
+        on_frame=lambda r: (wait_for_the_end(r), seen.append(r.frame.index)),
+    )
+    assert seen == [0, 3]  # the first and the newest; 1 and 2 were replaced while waiting
+    assert summary.frames_read == 4 and summary.frames_dropped == 2
+    assert summary.ended == "end of source"
 
 
 def _record(result_log: list[tuple[object, ...]]) -> Callable[[FrameResult], None]:
