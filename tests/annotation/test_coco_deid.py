@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from usguide.annotation.coco import labels_from_coco, rle_decode, rle_encode, to_coco
-from usguide.annotation.deid import check_text, dicom_identifiers, safe_label
+from usguide.annotation.deid import check_name, check_text, dicom_identifiers, safe_label
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -106,3 +106,45 @@ def test_json_is_searched_in_its_string_values_only(tmp_path) -> None:
     csv.write_text("key,frame\na,204\n")
     with pytest.raises(DeidentificationError, match="PatientID"):
         check_files([csv], ids)
+
+
+def test_a_typed_name_may_share_one_part_of_a_name_in_the_header(tmp_path) -> None:
+    import json
+
+    from pydicom.dataset import Dataset
+
+    from usguide.annotation.deid import DeidentificationError, check_files
+
+    ds = Dataset()
+    ds.PatientName = "Smith^Anna^Maria"
+    ds.OperatorsName = "Lund^Karl"
+    ds.PatientID = "X12345"
+    ids = dicom_identifiers(ds)
+    # Someone else who shares a given or family name with a person of the header.
+    for name in ("Anna Berg", "Berg, Anna", "Dr Karl Berg", "Anna Lund", "Annabel Smithson"):
+        assert check_name(name, ids) is None, name
+    assert check_text("Anna Berg", ids) == "PatientName"  # anywhere else it is a hit
+    refused = {
+        "Anna": "PatientName",  # a part alone, or with an initial or a title only
+        "A. Smith": "PatientName",
+        "Dr. Smith": "PatientName",
+        "Anna Smith": "PatientName",  # two parts of one name, in any order
+        "Smith Anna": "PatientName",
+        "Anna Maria Berg": "PatientName",
+        "SMITH^ANNA^MARIA": "PatientName",
+        "Karl Lund": "OperatorsName",
+        "Anna Berg X12345": "PatientID",
+    }
+    for name, keyword in refused.items():
+        assert check_name(name, ids) == keyword, name
+    # In a written file: the annotator field is read as a name, every other value as before.
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"frames": [{"annotator": "Anna Berg", "source": "clip"}]}))
+    check_files([path], ids)
+    path.write_text(json.dumps({"frames": [{"annotator": "Anna Berg", "source": "anna-clip"}]}))
+    with pytest.raises(DeidentificationError, match="PatientName"):
+        check_files([path], ids)
+    path.write_text(json.dumps({"frames": [{"annotator": "Anna Smith", "source": "clip"}]}))
+    with pytest.raises(DeidentificationError, match="annotator") as info:
+        check_files([path], ids)
+    assert "PatientName" in info.value.reason and "smith" not in info.value.reason.lower()

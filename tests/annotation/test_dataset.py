@@ -116,6 +116,45 @@ def test_export_refuses_a_file_that_would_leak(
     assert not list(tmp_path.glob(".ds.partial-*"))
 
 
+def test_an_annotator_sharing_a_part_of_the_patients_name_can_export(
+    tmp_path: Path, identified_dicom
+) -> None:
+    # The patient is Doelittle^Janeway; an annotator called Janeway Berg is someone else, whose
+    # name was typed on purpose and is written as the annotator.
+    aset = annotated_from_dicom(identified_dicom, annotator="Janeway Berg")
+    out = aset.export(tmp_path / "ds")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert {e["annotator"] for e in manifest["frames"]} == {"Janeway Berg"}
+    # The patient's name anywhere else still stops the export.
+    next(iter(aset)).source = "janeway-scan"
+    with pytest.raises(DeidentificationError, match="PatientName"):
+        aset.export(tmp_path / "ds")
+    assert len(AnnotationSet.load(out)) == 3  # the previous export is untouched
+
+
+@pytest.mark.parametrize(
+    ("annotator", "keyword"),
+    [
+        ("Janeway Doelittle", "PatientName"),  # the patient's full name, in any form
+        ("DOELITTLE^JANEWAY", "PatientName"),
+        ("doelittle, janeway", "PatientName"),
+        ("J. Doelittle", "PatientName"),  # a name part with nothing but an initial
+        ("Janeway", "PatientName"),  # a name part alone
+        ("Janeway Berg PID8675309", "PatientID"),  # other identifiers as before
+    ],
+)
+def test_an_annotator_that_names_the_patient_stops_the_export(
+    tmp_path: Path, identified_dicom, annotator: str, keyword: str
+) -> None:
+    aset = annotated_from_dicom(identified_dicom, annotator=annotator)
+    with pytest.raises(DeidentificationError) as info:
+        aset.export(tmp_path / "ds")
+    reason = info.value.reason
+    assert "annotator" in reason and keyword in reason  # the field, never the value
+    assert not any(secret.lower() in reason.lower() for secret in SECRETS)
+    assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds.*"))
+
+
 def test_crash_mid_save_leaves_previous_dataset_intact(tmp_path: Path, monkeypatch) -> None:
     aset = AnnotationSet("a")
     shape = (60, 80)

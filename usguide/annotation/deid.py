@@ -7,7 +7,8 @@ collects the identifying values of a source (:func:`dicom_identifiers`) so that
 - a DICOM source's label is always a stable pseudonym, and any other source's label is one when
   it contains an identifying value (a video called after the patient) (:func:`safe_label`), and
 - every file of a finished export is searched for them before it is published
-  (:func:`check_files`); a hit stops the export.
+  (:func:`check_files`); a hit stops the export. The annotator's name, typed on purpose, is
+  read as a name (:func:`check_name`): it may share one part of a name in the header.
 
 Burned-in text is handled elsewhere: exports are cropped to the imaging region.
 Errors and messages name the header *field* that matched, never its value.
@@ -30,6 +31,7 @@ __all__ = [
     "IDENTIFYING_KEYWORDS",
     "DeidentificationError",
     "check_files",
+    "check_name",
     "check_text",
     "dicom_identifiers",
     "safe_label",
@@ -72,6 +74,14 @@ IDENTIFYING_KEYWORDS: tuple[str, ...] = (
     "SOPInstanceUID",
     "FrameOfReferenceUID",
 )
+# The person names (VR PN) among them: a name typed by a user can share a part with one of these.
+_NAME_KEYWORDS = frozenset({
+    "PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
+    "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy", "RequestingPhysician",
+})  # fmt: skip
+# JSON fields that hold a person's name typed by the user (see check_name).
+_NAME_FIELDS = frozenset({"annotator"})
 # Shorter values ("M", "GE", "01") would match innocent text everywhere; they identify nobody.
 _MIN_LENGTH = 3
 _TEXT_SUFFIXES = frozenset({".json", ".csv", ".txt", ".jsonl"})
@@ -145,9 +155,61 @@ def check_text(text: str, identifiers: Mapping[str, str]) -> str | None:
     """
     upper = text.upper()
     for value, keyword in identifiers.items():
-        if value in upper and re.search(rf"(?<![A-Z0-9]){re.escape(value)}(?![A-Z0-9])", upper):
+        if _found(value, upper):
             return keyword
     return None
+
+
+def check_name(name: str, identifiers: Mapping[str, str]) -> str | None:
+    """The keyword of an identifying value in a person's name typed by the user (the
+    annotator), or None.
+
+    As :func:`check_text`, except that one part of a name in the header (a given or family
+    name) may stand beside another word of three letters or more: an annotator "Anna Berg"
+    is not the patient "SMITH^ANNA". A whole name, two parts of one name in any order, a part
+    alone or with only an initial or a title ("A. Smith"), and any other identifying value are
+    hits.
+    """
+    upper = name.upper()
+    owners = _name_parts(identifiers)
+    found: dict[str, list[str]] = {}  # a header name -> its parts found
+    for value, keyword in identifiers.items():
+        if not _found(value, upper):
+            continue
+        if keyword not in _NAME_KEYWORDS or value not in owners:
+            return keyword  # a whole name, an ID, a date ...
+        for whole in owners[value]:
+            found.setdefault(whole, []).append(value)
+    for parts in found.values():
+        rest = upper
+        for part in parts:
+            rest = _token(part).sub(" ", rest)
+        # Another word must remain, or the typed name is nothing but this person's name.
+        if len(parts) > 1 or not re.search(rf"[^\W\d_]{{{_MIN_LENGTH},}}", rest):
+            return identifiers[parts[0]]
+    return None
+
+
+def _token(value: str) -> re.Pattern[str]:
+    """``value`` as a whole token: not inside a longer word or number."""
+    return re.compile(rf"(?<![A-Z0-9]){re.escape(value)}(?![A-Z0-9])")
+
+
+def _found(value: str, upper: str) -> bool:
+    return value in upper and _token(value).search(upper) is not None
+
+
+def _name_parts(identifiers: Mapping[str, str]) -> dict[str, set[str]]:
+    """Each part of the person names among ``identifiers`` (as :func:`_forms` splits them) ->
+    the whole names it is a part of."""
+    owners: dict[str, set[str]] = {}
+    for value, keyword in identifiers.items():
+        if keyword in _NAME_KEYWORDS and ("^" in value or "=" in value):
+            for part in re.split(r"[\^=]", value):
+                part = part.strip()
+                if len(part) >= _MIN_LENGTH:
+                    owners.setdefault(part, set()).add(value)
+    return owners
 
 
 def safe_label(
@@ -185,7 +247,9 @@ def check_files(paths: Iterable[str | os.PathLike[str]], identifiers: Mapping[st
     """Search files about to be published for identifying values; raise on the first found.
 
     JSON files are searched in their string values (keys are the format's own words, and
-    numbers - sizes, boxes, RLE counts - would match numeric IDs by chance); other text files
+    numbers - sizes, boxes, RLE counts - would match numeric IDs by chance), an ``annotator``
+    value as a name (:func:`check_name`: the annotator may share a given name with the
+    patient, never be the patient); other text files
     (CSV, TXT, JSONL) whole; DICOM files element by element (every string value, in every
     sequence); PNG files in their text chunks (pixels carry no text bytes; burned-in text is
     removed by cropping). Other files are not searched.
@@ -199,13 +263,20 @@ def check_files(paths: Iterable[str | os.PathLike[str]], identifiers: Mapping[st
         return
     for path in map(Path, paths):
         suffix = path.suffix.lower()
-        keyword = None
+        keyword = field = None
         if suffix in _TEXT_SUFFIXES:
             text = path.read_text(encoding="utf-8", errors="replace")
+            names: list[tuple[str | None, str]] = []
             if suffix == ".json":
                 with contextlib.suppress(ValueError):  # not JSON after all: searched whole
-                    text = "\n".join(_strings(json.loads(text)))
+                    values = list(_strings(json.loads(text)))
+                    text = "\n".join(v for k, v in values if k not in _NAME_FIELDS)
+                    names = [(k, v) for k, v in values if k in _NAME_FIELDS]
             keyword = check_text(text, identifiers)
+            for key, name in names if keyword is None else ():
+                if (keyword := check_name(name, identifiers)) is not None:
+                    field = key
+                    break
         elif suffix in _DICOM_SUFFIXES:
             keyword = _check_dicom(path, identifiers)
         elif suffix in _PNG_SUFFIXES:
@@ -213,22 +284,33 @@ def check_files(paths: Iterable[str | os.PathLike[str]], identifiers: Mapping[st
 
             with Image.open(path) as im:
                 keyword = check_text(json.dumps(im.info, default=str), identifiers)
+        if field is not None:
+            hint = (
+                " (an annotator may share one part of a name in the header, never be that name, "
+                "two parts of it or a part alone: type the annotator's own full name)"
+                if keyword in _NAME_KEYWORDS
+                else ""
+            )
+            raise DeidentificationError(
+                path, f"its {field} field holds the source's {keyword}{hint}; export stopped"
+            )
         if keyword is not None:
             raise DeidentificationError(
                 path, f"holds a value of the source's {keyword}; export stopped"
             )
 
 
-def _strings(obj: Any) -> Iterator[str]:
-    """The string values of a parsed JSON document, at any depth (not its keys or numbers)."""
+def _strings(obj: Any, key: str | None = None) -> Iterator[tuple[str | None, str]]:
+    """The string values of a parsed JSON document, at any depth (not its keys or numbers),
+    each with the key it stands under (None at the top)."""
     if isinstance(obj, str):
-        yield obj
+        yield key, obj
     elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _strings(value)
+        for k, value in obj.items():
+            yield from _strings(value, k)
     elif isinstance(obj, list):
         for item in obj:
-            yield from _strings(item)
+            yield from _strings(item, key)
 
 
 def _check_dicom(path: Path, identifiers: Mapping[str, str]) -> str | None:
