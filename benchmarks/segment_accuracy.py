@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/segment_accuracy.py [--model-dir models/usguide-seg] [--data DIR] [--seed 0]
-                                          [--sector]
+                                          [--sector | --looks]
 
 1. Per-class Dice with bootstrap 95% intervals (resampling whole near-duplicate groups) on the
    validation split (the split training used,
@@ -17,6 +17,10 @@ Usage::
    image is shown as a convex probe would show its tissue (:func:`usguide.data.augment.sector_view`,
    the default fan; black beside it), masks converted alike, needles drawn straight and cut to
    the fan; only this part runs.
+   With ``--looks`` (only this part runs), the same real images (no needles) as other scanners
+   and settings would show them (:data:`LOOKS`): grey maps, edge enhancement, blur, lower
+   resolution, speckle reduction, JPEG compression. Sites differ in these far more than in
+   anatomy; the validation split comes from one nerve scanner.
 2. Temporal stability: label agreement between consecutive frames (mean over classes present of
    the Dice between frame t and t+1) on slowly moving sequences: validation frames under smooth
    simulated probe motion, and the real 120-frame SonoSite cine. With and without smoothing.
@@ -32,7 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -85,6 +89,70 @@ def validation_triples(
                 mask[drawn] = NEEDLE
                 shown = rendered.image if imaged is None else rendered.image * imaged
                 yield shown, mask, NEEDLE_ONLY, "needle", group
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+
+
+def _curve(f: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """A grey map from ``f`` over [0, 1] (rescaled to reach 0 and 1)."""
+    v = f(np.linspace(0.0, 1.0, 256))
+    lut = np.clip(255.0 * (v - v[0]) / (v[-1] - v[0]) + 0.5, 0, 255).astype(np.uint8)
+    return lambda image: cv2.LUT(_grey(image), lut)
+
+
+def _half_resolution(image: np.ndarray) -> np.ndarray:
+    g = _grey(image)
+    h, w = g.shape
+    small = cv2.resize(g, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _edge_enhanced(image: np.ndarray) -> np.ndarray:
+    g = _grey(image).astype(np.float32)
+    out = g + 1.0 * (g - cv2.GaussianBlur(g, (0, 0), 2.0))
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _jpeg(image: np.ndarray) -> np.ndarray:
+    return cv2.imdecode(cv2.imencode(".jpg", _grey(image), [cv2.IMWRITE_JPEG_QUALITY, 25])[1], 0)
+
+
+# Other scanners' and settings' renderings of the same tissue. Training with scanner_looks
+# draws power-law grey maps and unsharp masks (GreyMap, EdgeEnhance: marked *); the S-curve,
+# log compression and the rest are outside what any training run draws.
+LOOKS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "as acquired": _grey,
+    "grey map, power 0.6 *": _curve(lambda v: v**0.6),
+    "grey map, power 1.6 *": _curve(lambda v: v**1.6),
+    "grey map, S-curve": _curve(lambda v: 1.0 / (1.0 + np.exp(-8.0 * (v - 0.5)))),
+    "grey map, log compression": _curve(lambda v: np.log1p(10.0 * v)),
+    "edge enhancement *": _edge_enhanced,
+    "blur 1.5 px": lambda image: cv2.GaussianBlur(_grey(image), (0, 0), 1.5),
+    "half resolution": _half_resolution,
+    "speckle reduction (bilateral)": lambda image: cv2.bilateralFilter(_grey(image), 7, 40, 5),
+    "JPEG quality 25": _jpeg,
+}
+
+
+def scanner_looks(models: list[Path], root: str | None, seed: int) -> None:
+    """Print Dice of nerve, vessel and fascia on the real validation images under each look."""
+    real = [t for t in validation_triples(root, seed) if t[3] != "needle"]
+    print("\n## other scanners' looks (real validation images, no needles)\n")
+    print("| model | look | nerve | vessel | fascia |")
+    print("|---|---|---:|---:|---:|")
+    for model in models:
+        seg = Segmenter(model)
+        for name, look in LOOKS.items():
+            table = DiceTable()
+            for image, truth, labelled, _, group in real:
+                table.add(seg(as_frame(look(image))).copy(), truth, labelled, group)
+            d = {k: v["dice"] for k, v in table.summary(seed=seed).items()}
+            print(
+                f"| {model.name} | {name} | {d['nerve']:.3f} | {d['vessel']:.3f} "
+                f"| {d['fascia']:.3f} |"
+            )
 
 
 def fluid_beside_nerve(model: Path, root: str | None, seed: int) -> tuple[float, float, int]:
@@ -162,8 +230,12 @@ def main() -> None:
     parser.add_argument("--model-dir", default=str(REPO / "models" / "usguide-seg"))
     parser.add_argument("--data", default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
+    views = parser.add_mutually_exclusive_group()
+    views.add_argument(
         "--sector", action="store_true", help="the images as a curvilinear probe would show them"
+    )
+    views.add_argument(
+        "--looks", action="store_true", help="the images as other scanners and settings show them"
     )
     args = parser.parse_args()
     models = [
@@ -171,6 +243,9 @@ def main() -> None:
         for p in (Path(args.model_dir) / n for n in ("model.onnx", "model_fp32.onnx"))
         if p.exists()
     ]
+    if args.looks:
+        scanner_looks(models, args.data, args.seed)
+        return
     triples = list(validation_triples(args.data, args.seed, args.sector))
     print(
         f"# segmentation accuracy: validation split seed {args.seed}, {len(triples)} images "

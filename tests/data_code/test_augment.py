@@ -7,6 +7,8 @@ import pytest
 
 from usguide.data.augment import (
     DepthGain,
+    EdgeEnhance,
+    GreyMap,
     RandomAffine,
     RandomCropScale,
     RandomFlip,
@@ -119,7 +121,14 @@ def test_flip_mirrors_exactly(pair) -> None:
 
 @pytest.mark.parametrize(
     "transform",
-    [RandomGain(gain=(1.3, 1.4)), RandomGain(gain=(0.5, 0.6)), DepthGain(), Speckle()],
+    [
+        RandomGain(gain=(1.3, 1.4)),
+        RandomGain(gain=(0.5, 0.6)),
+        DepthGain(),
+        Speckle(),
+        GreyMap(),
+        EdgeEnhance(),
+    ],
     ids=lambda t: type(t).__name__,
 )
 def test_intensity_transforms_change_the_image_only(transform, pair) -> None:
@@ -231,9 +240,37 @@ def test_bad_inputs_raise(pair) -> None:
         UltrasoundAugment([lambda i, m, r: (i, m)])  # type: ignore[list-item]
 
 
+def test_grey_map_keeps_black_and_white_and_moves_mid_greys() -> None:
+    image = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    rng = np.random.default_rng(0)
+    dark, _ = GreyMap(exponent=(1.6, 1.7))(image, np.zeros_like(image), rng)
+    flat, _ = GreyMap(exponent=(0.6, 0.65))(image, np.zeros_like(image), rng)
+    for out in (dark, flat):
+        assert out.flat[0] == 0 and out.flat[255] == 255
+        assert (np.diff(out.astype(int).ravel()) >= 0).all()  # order of grey levels kept
+    assert 128**1.7 / 255**0.7 - 1 <= dark.flat[128] <= 128**1.6 / 255**0.6 + 1
+    assert flat.flat[128] > 128 * 1.2
+    with pytest.raises(ValueError):
+        GreyMap(exponent=(0.0, 1.0))
+
+
+def test_edge_enhance_sharpens_an_edge_and_leaves_flat_tissue() -> None:
+    image = np.full((64, 64), 80, np.uint8)
+    image[:, 32:] = 160
+    out, _ = EdgeEnhance(amount=(1.0, 1.0), sigma=(2.0, 2.0))(
+        image, np.zeros_like(image), np.random.default_rng(0)
+    )
+    assert (out[:, :20] == 80).all() and (out[:, 44:] == 160).all()  # far from the edge
+    assert out[:, 30].mean() < 75 and out[:, 33].mean() > 165  # overshoot either side
+
+
 def test_default_chain_has_every_kind() -> None:
     kinds = {type(t) for t in default_transforms()}
     assert kinds == {RandomCropScale, RandomAffine, RandomFlip, RandomGain, DepthGain, Speckle}
+    looks = default_transforms(scanner_looks=True)
+    assert {type(t) for t in looks} == kinds | {GreyMap, EdgeEnhance}
+    # Added at the end: without them a generator draws for the same chain as before.
+    assert [type(t) for t in looks[: len(kinds)]] == [type(t) for t in default_transforms()]
 
 
 def test_sector_mask_leaves_the_corners_of_the_box_unimaged() -> None:

@@ -165,3 +165,17 @@ def test_sector_samples_are_fans_with_nothing_labelled_beside_them(tmp_path: Pat
     # The fan's centre line is imaged from below the near arc's dip to the bottom.
     assert (y[:, 20:, 32] > 0).all()
     assert (y == 4).any()  # needles are drawn into the fans
+
+
+def test_scanner_looks_reach_the_augmentation(tmp_path: Path) -> None:
+    from usguide.data.augment import EdgeEnhance, GreyMap
+    from usguide.training.train import Batches
+
+    toml = tmp_path / "train.toml"
+    toml.write_text("scanner_looks = true\n")
+    config = TrainConfig.from_toml(toml)
+    kinds = {type(t) for t in Batches([], config).augment.transforms}
+    assert {GreyMap, EdgeEnhance} <= kinds
+    assert not {GreyMap, EdgeEnhance} & {
+        type(t) for t in Batches([], TrainConfig()).augment.transforms
+    }

@@ -22,6 +22,9 @@ What is modelled, and why:
 - :class:`DepthGain`: time-gain compensation, a smooth gain curve over depth (rows), monotone or
   bumpy, as sonographers set the TGC sliders.
 - :class:`Speckle`: multiplicative Rayleigh speckle, smoothed to a random grain size.
+- :class:`GreyMap`: the scanner's grey map and dynamic range, a power curve over grey levels
+  (sites and scanners differ far more in this than in overall gain).
+- :class:`EdgeEnhance`: the scanner's edge enhancement, an unsharp mask.
 - :class:`RandomAffine`: small probe moves: rotation, scale (depth setting), translation.
 - :class:`RandomFlip`: left-right, as probes are held either way round. Never up-down: depth is
   physical (the probe is at the top).
@@ -52,7 +55,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DepthGain",
+    "EdgeEnhance",
     "GeometricTransform",
+    "GreyMap",
     "IntensityTransform",
     "RandomAffine",
     "RandomCropScale",
@@ -558,9 +563,73 @@ def _convex_remap(
     return out_image, out_mask, fan
 
 
-def default_transforms() -> tuple[Transform, ...]:
-    """The chain :class:`UltrasoundAugment` uses by default: geometry first, then grey levels."""
-    return (
+class GreyMap(IntensityTransform):
+    """The scanner's grey map (dynamic range, log compression): grey levels ``v`` in [0, 1]
+    mapped to ``v ** g``, one exponent ``g`` per call. Above 1 the mid-greys darken and
+    contrast rises; below 1 the image looks flatter.
+
+    Parameters
+    ----------
+    exponent : tuple of float, optional
+        Range of ``g`` (log-uniform). Default (0.6, 1.7).
+    p : float, optional
+        Probability of applying. Default 1.
+    """
+
+    def __init__(self, exponent: tuple[float, float] = (0.6, 1.7), p: float = 1.0) -> None:
+        super().__init__(p)
+        self.exponent = _check_range("exponent", exponent, 0.0, 10.0)
+        if self.exponent[0] <= 0:
+            raise ValueError(f"exponent must be positive, got {exponent}")
+
+    def apply_image(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        lo, hi = self.exponent
+        g = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        lut = np.clip(255.0 * (np.arange(256) / 255.0) ** g + 0.5, 0, 255).astype(np.uint8)
+        return cv2.LUT(image, lut)
+
+
+class EdgeEnhance(IntensityTransform):
+    """The scanner's edge enhancement: an unsharp mask, ``image + amount (image - blurred)``
+    with a Gaussian blur of ``sigma`` pixels, clipped to [0, 255].
+
+    Parameters
+    ----------
+    amount : tuple of float, optional
+        Range of the amount (uniform). Default (0.3, 1.2).
+    sigma : tuple of float, optional
+        Range of the blur's sigma in pixels (uniform). Default (1.0, 3.0).
+    p : float, optional
+        Probability of applying. Default 1.
+    """
+
+    def __init__(
+        self,
+        amount: tuple[float, float] = (0.3, 1.2),
+        sigma: tuple[float, float] = (1.0, 3.0),
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p)
+        self.amount = _check_range("amount", amount, 0.0, 10.0)
+        self.sigma = _check_range("sigma", sigma, 0.1, 32.0)
+
+    def apply_image(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        amount = rng.uniform(*self.amount)
+        sigma = rng.uniform(*self.sigma)
+        grey = image.astype(np.float32)
+        blurred = cv2.GaussianBlur(grey, (0, 0), sigmaX=sigma, sigmaY=sigma)
+        out = grey + np.float32(amount) * (grey - blurred)
+        np.clip(out, 0.0, 255.0, out=out)
+        return out.astype(np.uint8)
+
+
+def default_transforms(scanner_looks: bool = False) -> tuple[Transform, ...]:
+    """The chain :class:`UltrasoundAugment` uses by default: geometry first, then grey levels.
+
+    ``scanner_looks`` adds :class:`GreyMap` and :class:`EdgeEnhance` at the end (so that
+    without them the same generator gives the same chain as before).
+    """
+    chain: tuple[Transform, ...] = (
         RandomCropScale(area=(0.6, 1.0), p=0.3),
         RandomAffine(rotation_deg=10.0, scale=(0.85, 1.15), translate=0.08, p=0.7),
         RandomFlip(p=0.5),
@@ -568,6 +637,9 @@ def default_transforms() -> tuple[Transform, ...]:
         DepthGain(max_db=6.0, p=0.5),
         Speckle(strength=(0.1, 0.4), p=0.3),
     )
+    if scanner_looks:
+        chain += (GreyMap(p=0.5), EdgeEnhance(p=0.3))
+    return chain
 
 
 class UltrasoundAugment:

@@ -112,6 +112,9 @@ class TrainConfig:
     # and its curved skin line are learnt as no needle and no fascia. Needles are rendered after
     # the conversion: they stay straight. Tried for 1.5.0 and not shipped (see the model card).
     sector_probability: float = 0.0
+    # Vary the scanner's look as sites differ: grey map (dynamic range) and edge enhancement
+    # (usguide.data.augment.GreyMap, EdgeEnhance).
+    scanner_looks: bool = False
     val_fraction: float = 0.2
     datasets: tuple[str, ...] = ("usgra-seg", "dltrack-apo")
     channels: tuple[int, int, int, int] = (16, 32, 64, 128)

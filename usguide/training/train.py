@@ -130,11 +130,11 @@ class Batches:
     """Augmented training batches as tensors, reproducible from the generator it is given."""
 
     def __init__(self, samples: list[Prepared], config: TrainConfig) -> None:
-        from usguide.data.augment import UltrasoundAugment
+        from usguide.data.augment import UltrasoundAugment, default_transforms
 
         self.samples = samples
         self.config = config
-        self.augment = UltrasoundAugment()
+        self.augment = UltrasoundAugment(default_transforms(config.scanner_looks))
         self._x = np.empty((1, *config.input_size), np.float32)
 
     def epoch(
