@@ -433,3 +433,88 @@ def test_labels_outside_the_classes_are_refused() -> None:
     labels = np.zeros((20, 20), np.int64)
     labels[2:5, 2:5] = NEEDLE
     assert aset.set_labels(key, labels) and aset[key].labels.dtype == np.uint8
+
+
+def without_source_keys(out: Path) -> None:
+    """Rewrite an export's manifest as usguide wrote it before it kept source keys."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    for entry in manifest["frames"]:
+        del entry["source_key"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_dataset_saved_without_source_keys_gives_a_recording_its_label_back(
+    tmp_path: Path, identified_dicom
+) -> None:
+    aset = AnnotationSet("a")
+    with open_source(identified_dicom) as source:
+        frames = list(source)
+    first = aset.add_frame(frames[0], blob_labels(frames[0].pixels.shape[:2], REGION))
+    out = aset.export(tmp_path / "ds")
+    without_source_keys(out)
+    again = AnnotationSet.load(out, "b")
+    # Frame 2 first (the dataset has none to compare it with), then the whole recording.
+    last = again.add_frame(frames[2])
+    keys = [again.add_frame(frame) for frame in frames]
+    assert keys[0] == first and keys[2] == last and sorted(again.keys()) == keys
+    np.testing.assert_array_equal(again[first].labels, aset[first].labels)
+    assert again[first].annotator == "a"
+    again.export(out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert len({(e["source"], e["source_key"]) for e in manifest["frames"]}) == 1
+    assert manifest["frames"][0]["source_key"]  # the manifest keeps the key from now on
+    assert len(set(AnnotationDataset(out).groups)) == 1
+
+
+def test_a_dicom_labelled_by_its_file_name_before_pseudonyms_gets_that_label_back(
+    tmp_path: Path,
+) -> None:
+    from tests.annotation.conftest import write_identified_dicom
+
+    path = write_identified_dicom(tmp_path / "scan01.dcm", frames=2)
+    with open_source(path) as source:
+        frames = list(source)
+    # Versions that kept no source key labelled a DICOM file by its stem, as any other file.
+    aset = AnnotationSet("a")
+    old = aset.add_image(frames[0].pixels, source="scan01", frame_index=0, region=REGION,
+                         labels=blob_labels(frames[0].pixels.shape[:2], REGION))  # fmt: skip
+    out = aset.export(tmp_path / "ds")
+    without_source_keys(out)
+    again = AnnotationSet.load(out)
+    assert [again.add_frame(frame) for frame in frames] == [old, "scan01_00001"]
+    np.testing.assert_array_equal(again[old].labels, aset[old].labels)
+
+
+def test_another_recording_of_the_same_name_never_replaces_a_reopened_frame(
+    tmp_path: Path,
+) -> None:
+    shape = (40, 60)
+    aset = AnnotationSet("a")
+    for i in range(2):
+        aset.add_image(speckle(shape, i), source="/a/clip.mp4", frame_index=i,
+                       labels=blob_labels(shape, (0, 0, 59, 39)))  # fmt: skip
+    out = aset.export(tmp_path / "ds")
+    without_source_keys(out)
+
+    def unchanged(reopened: AnnotationSet) -> None:
+        for f in aset:
+            np.testing.assert_array_equal(reopened[f.key].image, f.image)
+            np.testing.assert_array_equal(reopened[f.key].labels, f.labels)
+
+    # A frame the dataset holds shows that this file of the same name is another recording.
+    again = AnnotationSet.load(out)
+    assert again.add_image(speckle(shape, 7), source="/b/clip.mp4", frame_index=1) == (
+        "clip-2_00001"
+    )
+    unchanged(again)
+    # The recording itself, wherever it lies now, joins its frames.
+    assert again.add_image(speckle(shape, 0), source="/c/clip.mp4", frame_index=0) == "clip_00000"
+    # Taken by name (no frame to compare), then found to differ: refused, nothing replaced.
+    again = AnnotationSet.load(out)
+    assert again.add_image(speckle(shape, 8), source="/b/clip.mp4", frame_index=5) == "clip_00005"
+    with pytest.raises(ValueError, match="clip_00001"):
+        again.add_image(speckle(shape, 9), source="/b/clip.mp4", frame_index=1)
+    unchanged(again)
+    again.export(out)  # not known to be the recording: no source key is written for it
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert len(manifest["frames"]) == 3 and not any(e["source_key"] for e in manifest["frames"])

@@ -31,6 +31,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -66,6 +67,10 @@ FORMAT = "usguide-annotations"
 _VERSION = 1
 BBox = tuple[int, int, int, int]
 Point = tuple[float, float]
+# Mean absolute difference (grey levels) up to which a source frame shows a re-opened one: the
+# export is lossless, but another decoder version may round a level differently; another
+# recording differs by far more.
+_SAME_FRAME_DIFF = 2.0
 
 
 def _now() -> str:
@@ -182,6 +187,16 @@ class AnnotationSet:
         # Source key (:func:`_source_key`, written to the manifest) -> label: a recording added
         # again, in this session or after a load, gets its label again.
         self._labels_by_key: dict[str, str] = {}
+        # Labels re-opened from a manifest that kept no source key (older versions): which
+        # recording they are is found by name and pixels (_keyless_label) ...
+        self._keyless: set[str] = set()
+        # ... the frames of theirs still as re-opened (the pixels to compare with) ...
+        self._reopened: set[str] = set()
+        # ... the labels given to a source that way: a re-opened frame of theirs is replaced
+        # only by its own image ...
+        self._adopted: set[str] = set()
+        # ... and of those, the ones no frame has confirmed yet (written without a key).
+        self._unverified: set[str] = set()
 
     # -- contents ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -210,6 +225,11 @@ class AnnotationSet:
         A DICOM file's label is a pseudonym whatever its name; a recording already held (also
         one re-opened with :meth:`load`) keeps its label.
         """
+        return self._source_label(source, None, 0)
+
+    def _source_label(self, source: str, image: np.ndarray | None, frame_index: int) -> str:
+        """:meth:`source_label`, given frame ``frame_index`` of the source (``image``, when
+        known) to recognise a recording re-opened from a manifest without source keys."""
         if source in self._labels_by_source:
             return self._labels_by_source[source]
         from usguide.sources import is_dicom_file
@@ -222,13 +242,58 @@ class AnnotationSet:
         label = self._labels_by_key.get(key)
         if label is None:
             label = deid.safe_label(source, self._identifiers, dicom=dicom)
-            taken = set(self._labels_by_key.values()) | {f.source for f in self.frames.values()}
-            base, n = label, 2
-            while label in taken:  # two files of one name in different folders
-                label, n = f"{base}-{n}", n + 1
+            # Versions that kept no source key labelled a DICOM file by its stem, as any other.
+            names = [label, deid.safe_label(source, self._identifiers)] if dicom else [label]
+            known = self._keyless_label(names, image, frame_index)
+            if known is not None:
+                label = known
+            else:
+                taken = set(self._labels_by_key.values()) | {f.source for f in self}
+                base, n = label, 2
+                while label in taken:  # two files of one name in different folders
+                    label, n = f"{base}-{n}", n + 1
             self._labels_by_key[key] = label
         self._labels_by_source[source] = label
         self._labels_by_source.setdefault(label, label)  # add_image(source=<a label>) is that one
+        return label
+
+    def _keyless_label(
+        self, names: Sequence[str], image: np.ndarray | None, frame_index: int
+    ) -> str | None:
+        """The label, re-opened from a manifest without source keys, of the recording that a
+        source labelled ``names`` (by this and by older versions) is; None when unknown.
+
+        Candidates are those labels equal to a name, or to one with a suffix (``-2``: a second
+        file of that name). Frame ``frame_index`` of the source (``image``) decides, by its
+        pixels, for or against a candidate holding that frame. Without such a frame, the one
+        candidate equal to a name is taken on trust. Either way :meth:`_put` compares every
+        re-opened frame it would replace.
+        """
+        candidates = [
+            label
+            for label in sorted(self._keyless)
+            if any(re.fullmatch(rf"{re.escape(n)}(-\d+)?", label) for n in names)
+        ]
+        matching = []
+        if image is not None:
+            for label in list(candidates):
+                key = f"{label}_{int(frame_index):05d}"
+                if key not in self._reopened:
+                    continue
+                if _shows(image, self.frames[key]):
+                    matching.append(label)
+                else:
+                    candidates.remove(label)
+        if len(matching) == 1:
+            label, unverified = matching[0], False
+        elif not matching and len(candidates) == 1 and candidates[0] in names:
+            label, unverified = candidates[0], True
+        else:  # none, or several alike (blank frames): a label of its own, as any new source
+            return None
+        self._keyless.discard(label)
+        self._adopted.add(label)
+        if unverified:
+            self._unverified.add(label)
         return label
 
     def add_frame(
@@ -245,7 +310,7 @@ class AnnotationSet:
         )
         return self._put(
             frame.pixels,
-            label=self.source_label(frame.source),
+            label=self._source_label(frame.source, frame.pixels, frame.index),
             frame_index=frame.index,
             region=region,
             spacing_mm=frame.region_spacing_mm,
@@ -276,7 +341,7 @@ class AnnotationSet:
         """
         return self._put(
             image,
-            label=self.source_label(source),
+            label=self._source_label(source, image, frame_index),
             frame_index=frame_index,
             region=region,
             spacing_mm=spacing_mm,
@@ -300,6 +365,17 @@ class AnnotationSet:
         """Add or replace the frame of a source already labelled (see :meth:`add_image`)."""
         h, w = image.shape[:2]
         key = f"{label}_{int(frame_index):05d}"
+        old = self.frames.get(key)
+        if old is not None and key in self._reopened and label in self._adopted:
+            # The label was matched by name (and perhaps one frame): another image under the key
+            # is another recording of that file name, and must not replace the dataset's frame.
+            if not _shows(image, old):
+                raise ValueError(
+                    f"{key}: the re-opened dataset holds another image under this key (saved by "
+                    "a usguide that kept no source keys, from a file of the same name); nothing "
+                    "was replaced. Add this recording under another file name."
+                )
+            self._unverified.discard(label)
         frame = AnnotatedFrame(
             image=np.array(image, np.uint8, copy=True),
             labels=np.zeros((h, w), np.uint8)
@@ -314,13 +390,13 @@ class AnnotationSet:
             annotator=self.annotator,
             labelled=self.labelled,
         )
-        old = self.frames.get(key)
         if old is not None:
             if labels is None:
                 _carry_over(old, frame)
             # Steps recorded on the old frame would write its rectangles into the new one.
             self.history.forget([key, _tip_key(key)])
         self.frames[key] = frame
+        self._reopened.discard(key)
         return key
 
     # -- editing ----------------------------------------------------------------------------
@@ -548,7 +624,12 @@ class AnnotationSet:
         entries: list[dict[str, Any]] = []
         coco_images = []
         studies: dict[str, str] = {}
-        key_of_label = {label: key for key, label in self._labels_by_key.items()}
+        # A label taken by name alone is not known to be the recording: it stays without a key.
+        key_of_label = {
+            label: key
+            for key, label in self._labels_by_key.items()
+            if label not in self._unverified
+        }
         for f in chosen:
             image, labels, tip = _cropped(f)
             image_rel, mask_rel = f"images/{f.key}.png", f"masks/{f.key}.png"
@@ -617,7 +698,10 @@ class AnnotationSet:
 
         Frames come back cropped (their region is the whole image), with their labels, tips,
         sources and annotators. A source added again gets its label back (the manifest keeps a
-        key per source), so its frames join the recording instead of starting another.
+        key per source), so its frames join the recording instead of starting another. A
+        manifest of an older version keeps no such key: a source is then matched to a label by
+        its name, and by its pixels where the dataset holds one of its frames; a frame of
+        another recording of the same name never replaces one re-opened.
         """
         root = _readable(Path(path))
         manifest = _read_manifest(root)
@@ -646,6 +730,10 @@ class AnnotationSet:
             out._labels_by_source[frame.source] = frame.source
             if e.get("source_key"):
                 out._labels_by_key.setdefault(str(e["source_key"]), frame.source)
+            else:
+                out._keyless.add(frame.source)
+                out._reopened.add(frame.key)
+        out._keyless -= set(out._labels_by_key.values())
         return out
 
 
@@ -727,6 +815,22 @@ def _source_key(source: str) -> str:
     so a re-opened dataset knows the recording again; a hash, never the path itself."""
     identity = os.path.realpath(source) if source and os.path.exists(source) else source
     return hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _shows(image: np.ndarray, reopened: AnnotatedFrame) -> bool:
+    """Whether ``image``, a whole frame of a source, holds ``reopened``'s image where that was
+    cut from (:func:`_region_in_source`)."""
+    x0, y0, x1, y1 = _region_in_source(reopened)
+    crop = (
+        image[y0 : y1 + 1, x0 : x1 + 1]
+        if Region((x0, y0, x1, y1)).inside(*image.shape[:2])
+        else None
+    )
+    held = reopened.image[Region(reopened.region).slices]
+    if crop is None or crop.shape != held.shape:
+        return False
+    diff = np.abs(crop.astype(np.int32) - held.astype(np.int32))
+    return float(diff.mean()) <= _SAME_FRAME_DIFF
 
 
 def _valid_labels(key: str, labels: Any, shape: tuple[int, ...]) -> np.ndarray:
