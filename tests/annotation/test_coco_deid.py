@@ -128,6 +128,8 @@ def test_a_typed_name_may_share_one_part_of_a_name_in_the_header(tmp_path) -> No
         "Anna": "PatientName",  # a part alone, or with an initial or a title only
         "A. Smith": "PatientName",
         "Dr. Smith": "PatientName",
+        "Mrs Smith": "PatientName",
+        "Prof. Anna": "PatientName",
         "Anna Smith": "PatientName",  # two parts of one name, in any order
         "Smith Anna": "PatientName",
         "Anna Maria Berg": "PatientName",

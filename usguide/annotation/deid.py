@@ -184,10 +184,17 @@ def check_name(name: str, identifiers: Mapping[str, str]) -> str | None:
         rest = upper
         for part in parts:
             rest = _token(part).sub(" ", rest)
+        rest = _TITLES.sub(" ", rest)  # "Mrs Smith" is the patient Smith, not another person
         # Another word must remain, or the typed name is nothing but this person's name.
         if len(parts) > 1 or not re.search(rf"[^\W\d_]{{{_MIN_LENGTH},}}", rest):
             return identifiers[parts[0]]
     return None
+
+
+_TITLES = re.compile(
+    r"(?<![A-Z0-9])(MR|MRS|MS|MISS|MX|DR|PROF|PROFESSOR|DOCTOR|SIR|MADAM|MME|MLLE|HERR|FRAU)"
+    r"(?![A-Z0-9])"
+)
 
 
 def _token(value: str) -> re.Pattern[str]:
