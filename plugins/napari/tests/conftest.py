@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 _CONFIG_DIR = tempfile.mkdtemp(prefix="napari-usguide-tests-")
 os.environ["NAPARI_CONFIG"] = str(Path(_CONFIG_DIR) / "settings.yaml")
@@ -23,3 +27,21 @@ def shared_data_dir() -> Path | None:
     env = os.environ.get("USGUIDE_DATA")
     path = Path(env) if env else REPO_ROOT.parent / "shared" / "data"
     return path if path.is_dir() else None
+
+
+@pytest.fixture
+def unit_warnings() -> Iterator[list[str]]:
+    """napari's "Inconsistent units" warnings while the test runs. napari checks the layers'
+    units each time it draws (adding or removing a layer draws at once) and reports a mix as a
+    notification, not a Python warning: the notifications are listened to."""
+    from napari.utils.notifications import notification_manager
+
+    found: list[str] = []
+
+    def record(notification: Any) -> None:
+        if "units" in str(notification.message).lower():
+            found.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(record)
+    yield found
+    notification_manager.notification_ready.disconnect(record)

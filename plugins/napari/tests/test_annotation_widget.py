@@ -188,3 +188,56 @@ def test_export_and_open_errors_are_shown_in_the_status_line(
     widget.status.setText("")
     widget.open_dataset(str(tmp_path / "missing"))  # raised in the slot before
     assert widget.status.text().startswith("error:") and "missing" in widget.status.text()
+
+
+def _dataset(folder: Path, spacing_mm: tuple[float, float] | None) -> Path:
+    """A one-frame dataset exported from a plain frame, with or without a mm scale."""
+    from usguide.frame import Frame, Region
+
+    aset = AnnotationSet("R. Searcher")
+    pixels = np.full((48, 64), 90, np.uint8)
+    frame = Frame(pixels, 0, None, spacing_mm, Region.whole(48, 64), f"{folder.name}.png")
+    labels = np.zeros((48, 64), np.uint8)
+    labels[10:20, 10:20] = NERVE
+    aset.add_frame(frame, labels)
+    return aset.export(folder)
+
+
+def _units(layer: Any) -> tuple[str, ...]:
+    return tuple(str(u) for u in layer.units[-2:])
+
+
+def test_annotating_a_scan_of_other_units_mixes_none(
+    make_napari_viewer: Any, tmp_path: Path, unit_warnings: list[str]
+) -> None:
+    """The labels and tips kept from the last scan were removed one by one after (or before)
+    the next scan's layer came: napari drew the mix at once and warned about inconsistent
+    units."""
+    from conftest import TEST_DATA
+    from napari_usguide._reader import layers_have_units
+
+    if not layers_have_units():
+        pytest.skip("napari < 0.6 has no layer units")
+    viewer = make_napari_viewer()
+    widget = AnnotationWidget(viewer)
+    # Datasets: the widget opens the scan layer itself.
+    widget.open_dataset(str(_dataset(tmp_path / "mm", (0.2, 0.2))))
+    widget.open_dataset(str(_dataset(tmp_path / "px", None)))
+    assert "Opened 1 frame" in widget.status.text()
+    for name in (LABELS_LAYER, TIPS_LAYER):
+        assert _units(viewer.layers[name]) == ("pixel", "pixel"), name
+    widget.open_dataset(str(_dataset(tmp_path / "mm2", (0.2, 0.2))))
+    for name in (LABELS_LAYER, TIPS_LAYER):
+        assert _units(viewer.layers[name]) == ("millimeter",) * 2, name
+        assert tuple(viewer.layers[name].scale[-2:]) == pytest.approx((0.2, 0.2)), name
+    assert unit_warnings == []
+
+    # Scans opened by the user: the first closed, another (in pixels) opened and annotated.
+    viewer.layers.remove(widget.scan_layer)
+    data, kwargs, _ = read_scan(str(TEST_DATA / "dicom" / "US1_UNCR.dcm"))[0]
+    scan = viewer.add_image(data, **kwargs)
+    unit_warnings.clear()  # the last annotation's layers beside the new scan: napari's to say
+    widget.start(scan)
+    for name in (LABELS_LAYER, TIPS_LAYER):
+        assert _units(viewer.layers[name]) == ("pixel", "pixel"), name
+    assert unit_warnings == []

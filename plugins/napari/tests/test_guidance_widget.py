@@ -243,3 +243,34 @@ def test_a_scan_turning_from_grey_to_colour_shows_colour_frames(
     assert frame is widget.layers["frame"] and len(viewer.layers) == len(LAYER_NAMES)
     assert viewer.layers.index(frame) == 0  # under the labels and the needle, as before
     widget.stop()
+
+
+def test_switching_between_mm_and_pixel_scans_keeps_every_layer_in_the_scans_units(
+    make_napari_viewer: Any, qtbot: Any, unit_warnings: list[str]
+) -> None:
+    """Kept layers took the new scan's units one by one while the frame layer was recreated
+    (grey <-> colour): napari drew the mix at once and warned about inconsistent units."""
+    from conftest import TEST_DATA
+    from napari_usguide._reader import layers_have_units
+
+    from usguide.demo import DEMO_SPACING_MM
+
+    uncalibrated = str(TEST_DATA / "dicom" / "US1_UNCR.dcm")  # colour, no mm scale
+    viewer = make_napari_viewer()
+    widget = _open(viewer, qtbot)  # the demo: grey, mm
+    for source, mm in ((uncalibrated, None), ("demo", DEMO_SPACING_MM)):
+        widget.source_edit.setText(source)
+        widget.open_scan()
+        qtbot.waitUntil(
+            lambda: widget._worker is None and widget._shown is not None, timeout=WAIT_MS
+        )
+        assert widget.layers["frame"].rgb == (mm is None)  # the frame layer was recreated
+        for name in LAYER_NAMES.values():
+            layer = viewer.layers[name]
+            assert tuple(layer.scale) == pytest.approx((mm or 1.0,) * 2), name
+            if layers_have_units():
+                unit = "millimeter" if mm else "pixel"
+                assert tuple(str(u) for u in layer.units) == (unit, unit), name
+        assert len(viewer.layers) == len(LAYER_NAMES)
+    assert unit_warnings == []
+    widget.stop()

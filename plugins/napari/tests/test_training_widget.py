@@ -111,3 +111,29 @@ def test_a_session_folder_that_cannot_be_written_keeps_the_score(
     qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
     assert "not saved" in widget.status.text()
     assert widget.last_score is not None and "final tip to target" in widget.result_label.text()
+
+
+def test_target_layer_follows_the_scan_opened_next_without_mixing_units(
+    make_napari_viewer: Any, unit_warnings: list[str]
+) -> None:
+    """The target layer took the scan's units only when "Place target" was pressed: after the
+    scan was closed and one without a mm scale opened, napari warned about inconsistent units."""
+    from conftest import TEST_DATA
+    from napari_usguide._reader import layers_have_units, read_scan
+
+    if not layers_have_units():
+        pytest.skip("napari < 0.6 has no layer units")
+    viewer = make_napari_viewer()
+    data, kwargs, _ = read_scan(str(TEST_DATA / "dicom" / "OBXXXX1A_rle_2frame.dcm"))[0]
+    first = viewer.add_image(data, **kwargs)
+    widget = TrainingWidget(viewer)
+    widget.place_target()
+    viewer.layers[TARGET_LAYER].add([120.0, 200.0])
+    viewer.layers.remove(first)
+    data, kwargs, _ = read_scan(str(TEST_DATA / "dicom" / "US1_UNCR.dcm"))[0]
+    viewer.add_image(data, **kwargs)  # opened by the user, not through the widget
+    target = viewer.layers[TARGET_LAYER]
+    assert tuple(str(u) for u in target.units) == ("pixel", "pixel")
+    assert tuple(target.scale) == pytest.approx((1.0, 1.0))
+    assert widget.target_xy() == pytest.approx((200.0, 120.0))  # the trainee's point is kept
+    assert unit_warnings == []

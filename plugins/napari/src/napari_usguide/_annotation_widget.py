@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_usguide._paths import path_row
-from napari_usguide._reader import layers_have_units, placement_over
+from napari_usguide._reader import conform, layers_have_units, placement_over
 
 if TYPE_CHECKING:
     import napari
@@ -165,11 +165,15 @@ class AnnotationWidget(QWidget):
         self.scan_layer = layer
         self._keys = {}
         shape = layer.data.shape[: layer.ndim]  # an RGB layer's ndim leaves out the channels
+        # The scan's scale and units: the scale bar keeps reading mm.
+        placement = placement_over(layer, len(shape))
+        # The last scan's layers take this one's units before they go: napari draws at each
+        # removal, and warned when they and this scan's layer disagreed.
+        old = [self.viewer.layers[n] for n in (LABELS_LAYER, TIPS_LAYER) if n in self.viewer.layers]
+        conform(old, placement)
         for name in (LABELS_LAYER, TIPS_LAYER):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
-        # The scan's scale and units: the scale bar keeps reading mm.
-        placement = placement_over(layer, len(shape))
         self.labels_layer = self.viewer.add_labels(
             np.zeros(tuple(shape), np.uint8),
             name=LABELS_LAYER,
@@ -393,16 +397,21 @@ class AnnotationWidget(QWidget):
             return
         self._close_source()
         self.folder_edit.setText(path)
+        spacing = frames[0].spacing_mm
+        placement: dict[str, Any] = {"scale": (1.0, *(spacing or (1.0, 1.0)))}
+        if layers_have_units():
+            placement["units"] = ("pixel", "mm", "mm") if spacing else ("pixel",) * 3
+        # The layers kept from the last scan or dataset take this one's units before any layer
+        # is removed or added (napari draws then, and warned about the mix).
+        names = (DATASET_LAYER, LABELS_LAYER, TIPS_LAYER)
+        conform([self.viewer.layers[n] for n in names if n in self.viewer.layers], placement)
         if DATASET_LAYER in self.viewer.layers:
             self.viewer.layers.remove(DATASET_LAYER)
-        spacing = frames[0].spacing_mm
-        units = {"units": ("pixel", "mm", "mm")} if spacing and layers_have_units() else {}
         layer = self.viewer.add_image(
             np.stack([f.image for f in frames]),
             name=DATASET_LAYER,
-            scale=(1.0, *(spacing or (1.0, 1.0))),
             rgb=frames[0].image.ndim == 3,
-            **units,
+            **placement,
         )
         self.aset = aset
         self._attach(layer)

@@ -42,7 +42,7 @@ from qtpy.QtWidgets import (
 
 from napari_usguide._engine import DEMO, MODES, GuidanceProcess, Published
 from napari_usguide._paths import path_row
-from napari_usguide._reader import layers_have_units, resolve_source
+from napari_usguide._reader import conform, layers_have_units, resolve_source
 
 if TYPE_CHECKING:
     import napari
@@ -422,12 +422,14 @@ class GuidanceWidget(QWidget):
         viewer = self.viewer
         existing = {layer.name: layer for layer in viewer.layers}
 
-        # Scale and units given when a layer is made: set one layer at a time afterwards, the
-        # layers would disagree for a moment and napari warns about inconsistent units.
         placement: dict[str, Any] = {"scale": scale}
         if layers_have_units():  # napari >= 0.6: the scale bar reads mm
             placement["units"] = ("mm", "mm") if spacing else ("pixel", "pixel")
         self._placement = placement
+        # Every kept layer takes this scan's scale and units before a layer is added or removed
+        # (a frame turning grey <-> colour): napari draws then, and a mix of the last scan's
+        # units and this one's made it warn about inconsistent units.
+        conform([existing[n] for n in LAYER_NAMES.values() if n in existing], placement)
 
         def reuse(key: str, make: Any, *, rgb: bool | None = None) -> Any:
             layer = existing.get(LAYER_NAMES[key])
@@ -436,10 +438,6 @@ class GuidanceWidget(QWidget):
                 layer = None
             if layer is None:
                 layer = make(placement)
-            else:
-                layer.scale = scale
-                if "units" in placement:
-                    layer.units = placement["units"]
             self.layers[key] = layer
             return layer
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -199,10 +199,47 @@ def layers_have_units() -> bool:
 
 def placement_over(scan: Any, ndim: int) -> dict[str, Any]:
     """The scale (and, napari >= 0.6, the units) of ``scan``'s last ``ndim`` axes, for a layer
-    drawn over it, so that its data are the scan's pixels; pixels without a scan."""
+    drawn over it, so that its data are the scan's pixels; pixels without a scan. Axes the scan
+    lacks (a stack's frames over a single image) are pixels too."""
     if scan is None:
-        return {"scale": (1.0,) * ndim}
-    placement: dict[str, Any] = {"scale": tuple(scan.scale[-ndim:])}
+        placement: dict[str, Any] = {"scale": (1.0,) * ndim}
+        if layers_have_units():
+            placement["units"] = ("pixel",) * ndim
+        return placement
+    placement = {"scale": _fit(tuple(float(s) for s in scan.scale), ndim, 1.0)}
     if layers_have_units():
-        placement["units"] = tuple(str(u) for u in scan.units[-ndim:])
+        placement["units"] = _fit(tuple(str(u) for u in scan.units), ndim, "pixel")
     return placement
+
+
+def conform(layers: Iterable[Any], placement: dict[str, Any]) -> None:
+    """Give ``layers`` the scale and units of ``placement`` on their last axes (leading axes
+    in pixels), their data unchanged.
+
+    napari draws, and checks that all layers' units agree, each time a layer is added or
+    removed (never when a scale or units change): a widget switching scans conforms the layers
+    it keeps before it adds or removes any, or napari warns about inconsistent units.
+    """
+    for layer in layers:
+        ndim = int(layer.ndim)
+        for key, values in placement.items():
+            fitted = _fit(tuple(values), ndim, 1.0 if key == "scale" else "pixel")
+            current = tuple(getattr(layer, key))
+            if key == "units":  # "mm" and millimeter are one unit
+                same = _unit_names(current) == _unit_names(fitted)
+            else:
+                same = np.allclose(current, fitted, rtol=1e-12, atol=0.0)
+            if not same:  # each set refreshes the layer: unchanged values are left alone
+                setattr(layer, key, fitted)
+
+
+def _unit_names(units: Iterable[Any]) -> tuple[str, ...]:
+    import pint  # napari >= 0.6, the only napari with layer units, depends on it
+
+    registry = pint.get_application_registry()
+    return tuple(str(registry.Unit(str(u))) for u in units)
+
+
+def _fit(values: tuple[Any, ...], ndim: int, fill: Any) -> tuple[Any, ...]:
+    """``values`` for the last ``ndim`` axes, ``fill`` for the axes they do not reach."""
+    return (fill,) * max(0, ndim - len(values)) + values[len(values) - min(ndim, len(values)) :]

@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_usguide._paths import path_row
-from napari_usguide._reader import placement_over
+from napari_usguide._reader import conform, placement_over
 
 if TYPE_CHECKING:
     import napari
@@ -90,6 +90,10 @@ class TrainingWidget(QWidget):
         layout.addWidget(notice)
         layout.addStretch(1)
         self._prefill_source()
+        # The target follows the scan as soon as one is opened or closed, not only at "Place
+        # target": left in the last scan's units beside the next one, napari warned.
+        self.viewer.layers.events.inserted.connect(self._follow_scan)
+        self.viewer.layers.events.removed.connect(self._follow_scan)
 
     # -- the scan and the target -----------------------------------------------------------------
     def _scan_layer(self) -> Any:
@@ -119,8 +123,7 @@ class TrainingWidget(QWidget):
         placement = placement_over(self._scan_layer(), 2)
         if TARGET_LAYER in self.viewer.layers:
             layer = self.viewer.layers[TARGET_LAYER]
-            for key, value in placement.items():
-                setattr(layer, key, value)
+            conform([layer], placement)
             return layer
         layer = self.viewer.add_points(
             np.zeros((0, 2)),
@@ -133,6 +136,12 @@ class TrainingWidget(QWidget):
         )
         layer.events.data.connect(self._target_moved)
         return layer
+
+    def _follow_scan(self, event: Any = None) -> None:
+        """A scan layer opened or closed: the target layer (if any) takes the scan's scale and
+        units; its points, in scan pixels, stay."""
+        if TARGET_LAYER in self.viewer.layers:
+            conform([self.viewer.layers[TARGET_LAYER]], placement_over(self._scan_layer(), 2))
 
     def place_target(self) -> None:
         """Select the target layer in add mode; the next click places the target."""
