@@ -6,12 +6,14 @@ import shutil
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_color_lut, convert_color_space, pixel_array
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
 from usguide.errors import (
     CalibrationWarning,
@@ -535,6 +537,124 @@ def test_corrupt_jpeg_frame(dicom_dir: Path, tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptSourceError, match="noise.dcm"):
         DicomSource(path)
+
+
+def _jpeg_frames(n: int, *, colour: bool) -> list[bytes]:
+    """``n`` JPEG baseline frames of a 48 x 64 speckled pattern, each different."""
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:48, 0:64]
+    frames = []
+    for i in range(n):
+        base = 128 + 60 * np.sin(xx / 7 + i) * np.cos(yy / 11) + rng.normal(0, 20, xx.shape)
+        grey = np.clip(base, 0, 255).astype(np.uint8)
+        image = np.dstack([grey, np.roll(grey, 5, axis=1), 255 - grey]) if colour else grey
+        ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        assert ok
+        frames.append(encoded.tobytes())
+    return frames
+
+
+def _write_jpeg_cine(path: Path, frames: list[bytes], *, colour: bool) -> Path:
+    """A US multi-frame JPEG baseline DICOM holding ``frames``, one fragment each."""
+    ds = _new_dataset("1.2.840.10008.5.1.4.1.1.3.1", "US")
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.Rows, ds.Columns = 48, 64
+    ds.SamplesPerPixel = 3 if colour else 1
+    ds.PhotometricInterpretation = "YBR_FULL_422" if colour else "MONOCHROME2"
+    if colour:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.NumberOfFrames = len(frames)
+    ds.PixelData = encapsulate(frames)
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _entropy_middle(frame: bytes) -> int:
+    """An offset half-way through the entropy-coded data (after the start-of-scan header)."""
+    sos = frame.index(b"\xff\xda")
+    return (sos + len(frame)) // 2
+
+
+def _damaged(frame: bytes, how: str) -> bytes:
+    mid = _entropy_middle(frame)
+    if how == "cut":  # the scan's second half lost; the end-of-image marker still there
+        return frame[:mid] + b"\xff\xd9"
+    if how == "flipped":  # eight bytes inverted inside the scan
+        return frame[:mid] + bytes(b ^ 0xFF for b in frame[mid : mid + 8]) + frame[mid + 8 :]
+    if how == "cut, no end marker":
+        return frame[:mid]
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("colour", [False, True], ids=["grey", "colour"])
+@pytest.mark.parametrize("how", ["cut", "flipped"])
+def test_damaged_jpeg_frame_is_a_corrupt_source(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], how: str, colour: bool
+) -> None:
+    """libjpeg decodes around a damaged scan and only prints a warning; the frame must raise
+    an error naming the file and frame, not come out as a concealed grey or smeared image."""
+    frames = _jpeg_frames(4, colour=colour)
+    good = _write_jpeg_cine(tmp_path / "good.dcm", frames, colour=colour)
+    frames[2] = _damaged(frames[2], how)
+    path = _write_jpeg_cine(tmp_path / "cine.dcm", frames, colour=colour)
+    with DicomSource(good) as whole, DicomSource(path) as src:
+        assert src.decoder_name == "opencv"
+        for index in (0, 1, 3):  # the intact frames read as they do in the intact file
+            assert np.array_equal(src.read(index).pixels, whole.read(index).pixels)
+        with pytest.raises(CorruptSourceError, match=r"cine\.dcm: frame 2: JPEG data is damaged"):
+            src.read(2)
+        delivered = []
+        with pytest.raises(CorruptSourceError, match="frame 2"):
+            for frame in src:
+                delivered.append(frame.index)
+        assert delivered == [0, 1]
+    # The warning became the error: libjpeg's own line does not reach the terminal.
+    assert "Corrupt JPEG" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["cut", "flipped", "cut, no end marker"])
+def test_damaged_first_jpeg_frame_fails_at_open(tmp_path: Path, how: str) -> None:
+    """Frame 0 is also the test of OpenCV against pydicom; damage there must not send the file
+    to pydicom's decoder, which decodes the same damage without a word."""
+    frames = _jpeg_frames(3, colour=True)
+    frames[0] = _damaged(frames[0], how)
+    path = _write_jpeg_cine(tmp_path / "first.dcm", frames, colour=True)
+    with pytest.raises(CorruptSourceError, match=r"first\.dcm: frame 0: JPEG data is"):
+        DicomSource(path)
+
+
+def test_harmless_jpeg_warning_is_not_damage(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Only libjpeg's corrupt-data warnings mean damage; others (an unknown JFIF revision)
+    decode as before and still reach stderr, as does anything else printed meanwhile."""
+    frames = _jpeg_frames(2, colour=False)
+    jfif = frames[1].index(b"JFIF\x00") + 5
+    frames[1] = frames[1][:jfif] + b"\x03\x07" + frames[1][jfif + 2 :]  # JFIF version 3.07
+    path = _write_jpeg_cine(tmp_path / "jfif.dcm", frames, colour=False)
+    with DicomSource(path) as src:
+        src.read(1)
+    assert "unknown JFIF revision number 3.07" in capfd.readouterr().err
+
+
+def test_real_jpeg_cines_have_no_damaged_frame(shared_data: Path) -> None:
+    """Every frame of the real JPEG files decodes with the fast decoder and no damage found."""
+    paths = sorted((shared_data / "dicom-us").glob("*.dcm"))
+    checked = 0
+    for path in paths:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)
+            src = DicomSource(path)
+        with src:
+            if src.decoder_name != "opencv":
+                continue
+            assert sum(1 for _ in src) == src.frame_count
+            checked += 1
+    assert checked >= 3  # two JPEG baseline cines and one JPEG lossless frame
 
 
 def test_not_dicom(tmp_path: Path) -> None:
