@@ -168,3 +168,27 @@ def test_images_of_one_size_from_other_scans_get_their_own_region(tmp_path: Path
         a, b, c = (f.region.bbox for f in source)
     assert a[0] < 20 and a[2] < 210 and b[0] > 110 and b[2] > 300
     assert c == a
+
+
+@pytest.mark.parametrize("how", ["cut", "flipped"])
+def test_a_damaged_jpeg_image_is_a_corrupt_source(tmp_path: Path, how: str) -> None:
+    """libjpeg decodes around damage and only prints a warning: the grey or smeared blocks it
+    fills in must not pass for a scan."""
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (120, 160), dtype=np.uint8), (5, 5), 0)
+    whole = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    mid = (whole.index(b"\xff\xda") + len(whole)) // 2  # inside the entropy-coded scan
+    if how == "cut":
+        data = whole[:mid] + b"\xff\xd9"
+    else:
+        data = whole[:mid] + bytes(b ^ 0xFF for b in whole[mid : mid + 32]) + whole[mid + 32 :]
+    good, bad = tmp_path / "a_good.jpg", tmp_path / "b_bad.jpg"
+    good.write_bytes(whole)
+    bad.write_bytes(data)
+    assert read_image(good).shape == image.shape
+    with pytest.raises(CorruptSourceError, match="b_bad.jpg.*JPEG data is damaged"):
+        read_image(bad)
+    with ImageSource(tmp_path) as source:  # opens on the good image, fails at the bad one
+        assert source.read(0).pixels.shape == image.shape
+        with pytest.raises(CorruptSourceError, match="b_bad.jpg"):
+            source.read(1)

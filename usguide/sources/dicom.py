@@ -8,8 +8,8 @@ The header is parsed once; the file stays open and each frame is read from its o
   when the file opens (bit for bit for lossless); on disagreement (an unusual colour encoding, a
   bit depth OpenCV does not keep) the file falls back to pydicom. libjpeg decodes around damage
   in a frame's scan (cut short, bytes altered) and only prints a warning; that warning is caught
-  (see :func:`_imdecode_checked`) and the frame raises :class:`CorruptSourceError` instead of
-  delivering the grey or smeared blocks libjpeg fills in.
+  (:func:`usguide.sources.jpeg.imdecode_checked`) and the frame raises
+  :class:`CorruptSourceError` instead of delivering the grey or smeared blocks libjpeg fills in.
 - Uncompressed 8/16-bit: read straight from the file, no decoder.
 - Everything else (JPEG-LS, JPEG 2000, RLE, ...): pydicom with the plugin named explicitly
   (pylibjpeg: libjpeg, openjpeg, rle).
@@ -21,12 +21,9 @@ could identify a patient.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import re
 import struct
-import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
@@ -45,6 +42,7 @@ from usguide.errors import (
 )
 from usguide.frame import Region
 from usguide.sources.base import BBox, SeekableSource
+from usguide.sources.jpeg import JPEG_EOI, imdecode_checked
 
 # DICOM tags named in FrameIncrementPointer.
 _TAG_FRAME_TIME = 0x00181063
@@ -68,64 +66,11 @@ _OPENCV_SYNTAXES = {
 # try plugins in its own order.
 _PLUGIN_PREFERENCE = ("pylibjpeg", "gdcm", "pillow")
 Span = tuple[int, int]  # (file offset, length) of a run of a frame's bytes
-# libjpeg's warnings that mean the pixels are not all there (jerror.h: HIT_MARKER,
-# EXTRANEOUS_DATA, HUFF_BAD_CODE, ARITH_BAD_CODE, MUST_RESYNC, JPEG_EOF); libjpeg decodes on and
-# fills the rest in. A bad ICC marker leaves the pixels intact; other warnings (an unknown JFIF
-# revision) are harmless and pass on to stderr as before.
-_JPEG_DAMAGE = re.compile(rb"Corrupt JPEG data: (?!bad ICC marker)|Premature end of JPEG file")
-_JPEG_EOI = b"\xff\xd9"
-_STDERR_LOCK = threading.Lock()  # fd 2 is the whole process's: one capture at a time
-_stderr_sink = -1  # descriptor of the file that takes fd 2's output during a decode
 
 
 class _DamagedJpegError(CorruptSourceError):
     """A frame whose JPEG data is damaged: no reason to try another decoder, which would fill
     the gaps in as well."""
-
-
-def _imdecode_checked(buf: np.ndarray, flag: int) -> tuple[np.ndarray | None, str]:
-    """``cv2.imdecode``, and libjpeg's warning that the data is damaged ('' when none).
-
-    OpenCV leaves warnings to libjpeg, which prints them with ``fprintf(stderr)``; so file
-    descriptor 2 points at a file for the length of the decode: a few system calls, no second
-    decode. Anything else written to fd 2 meanwhile (another thread, a harmless libjpeg warning)
-    is passed on to the real stderr. libjpeg prints only a decode's first warning, so damage
-    after a harmless warning goes unseen; a damaged scan that still decodes cleanly (a flipped
-    bit that keeps the Huffman codes valid) cannot be told from a good one by any decoder.
-    """
-    global _stderr_sink
-    with _STDERR_LOCK:
-        if _stderr_sink < 0:
-            # A bare descriptor, kept for the process (a file object would warn at exit).
-            with tempfile.TemporaryFile() as f:
-                _stderr_sink = os.dup(f.fileno())
-        sink = _stderr_sink
-        try:
-            saved = os.dup(2)
-        except OSError:  # no stderr at all: capture anyway, and close fd 2 again after
-            saved = -1
-        os.dup2(sink, 2)
-        try:
-            out = cv2.imdecode(buf, flag)
-        finally:
-            if saved >= 0:
-                os.dup2(saved, 2)
-                os.close(saved)
-            else:
-                os.close(2)
-        size = os.lseek(sink, 0, os.SEEK_CUR)
-        if not size:
-            return out, ""
-        os.lseek(sink, 0, os.SEEK_SET)
-        lines = os.read(sink, size).splitlines(keepends=True)
-        os.lseek(sink, 0, os.SEEK_SET)
-        os.ftruncate(sink, 0)
-    damage = next((line for line in lines if _JPEG_DAMAGE.match(line)), b"")
-    rest = b"".join(line for line in lines if not _JPEG_DAMAGE.match(line))
-    if rest and saved >= 0:
-        with contextlib.suppress(OSError):  # a closed or full stderr must not fail the decode
-            os.write(2, rest)
-    return out, damage.decode("ascii", "replace").strip()
 
 
 def regions_from_header(ds: Any, rows: int, columns: int, source: str) -> tuple[Region, ...]:
@@ -586,13 +531,13 @@ class DicomSource(SeekableSource):
             flag = cv2.IMREAD_GRAYSCALE
         else:
             flag = cv2.IMREAD_UNCHANGED
-        out, damage = _imdecode_checked(buf, flag)
+        out, damage = imdecode_checked(buf, flag)
         if damage:
             raise _DamagedJpegError(self.source, f"frame {index}: JPEG data is damaged ({damage})")
         if out is None:
             # Cut short before its end-of-image marker (a DICOM pad byte may follow it): OpenCV
             # gives up, but pydicom's decoder would return the part that is there.
-            if not data[-8:].rstrip(b"\x00").endswith(_JPEG_EOI):
+            if not data[-8:].rstrip(b"\x00").endswith(JPEG_EOI):
                 raise _DamagedJpegError(
                     self.source, f"frame {index}: JPEG data is cut short (no end-of-image marker)"
                 )

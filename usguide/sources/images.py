@@ -20,6 +20,7 @@ from usguide.errors import (
 )
 from usguide.frame import Frame, Region
 from usguide.sources.base import BBox, SeekableSource
+from usguide.sources.jpeg import imdecode_checked
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 _TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
@@ -109,7 +110,9 @@ def read_image(path: str | os.PathLike[str], page: int | None = None) -> np.ndar
         image = mats[0]
     else:
         data = np.fromfile(p, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII paths too
-        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        image, damage = imdecode_checked(data, cv2.IMREAD_UNCHANGED) if data.size else (None, "")
+        if damage:  # libjpeg filled the gaps in: grey or smeared blocks, not the scan
+            raise CorruptSourceError(path, f"JPEG data is damaged ({damage})")
     if image is None:
         raise CorruptSourceError(path, "image cannot be decoded (corrupt or not an image)")
     if image.dtype == np.uint16:
