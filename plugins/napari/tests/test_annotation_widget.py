@@ -241,3 +241,48 @@ def test_annotating_a_scan_of_other_units_mixes_none(
     for name in (LABELS_LAYER, TIPS_LAYER):
         assert _units(viewer.layers[name]) == ("pixel", "pixel"), name
     assert unit_warnings == []
+
+
+def _secret_free(text: str, tmp_path: Path) -> bool:
+    return str(tmp_path) not in text and not any(s.lower() in text.lower() for s in SECRETS)
+
+
+def test_a_scan_whose_pseudonym_no_longer_resolves_is_refused_plainly(
+    make_napari_viewer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DICOM layer from an earlier session (its pseudonym unknown here), or whose file has
+    moved, raised in the Qt slot (a traceback naming the path). Annotating its pixels alone
+    would skip the identifier checks and the crop to the imaging region: the scan must be
+    opened again, and the status line says so."""
+    from napari_usguide import _reader
+
+    viewer = make_napari_viewer()
+    widget = AnnotationWidget(viewer)
+    scan = _scan(viewer, tmp_path)
+    path = Path(_reader._PRIVATE_SOURCES[scan.metadata["usguide"]["source"]])
+    path.rename(tmp_path / "moved.dcm")
+    widget.start(scan)
+    assert "opened again" in widget.status.text() and _secret_free(widget.status.text(), tmp_path)
+    assert widget.aset is None and LABELS_LAYER not in viewer.layers
+
+    monkeypatch.setattr(_reader, "_PRIVATE_SOURCES", {})  # another napari session
+    widget.start(scan)
+    assert "opened again" in widget.status.text() and _secret_free(widget.status.text(), tmp_path)
+    # Looked up by its name when its metadata is gone (a layer saved and opened again).
+    bare = viewer.add_image(np.asarray(scan.data), name=scan.name)
+    widget.start(bare)
+    assert "opened again" in widget.status.text() and widget.aset is None
+
+
+def test_a_scan_that_is_open_again_is_annotated_from_its_file(
+    make_napari_viewer: Any, tmp_path: Path
+) -> None:
+    """A layer named by a pseudonym this session knows, without the metadata, reads its frames
+    from the file: the imaging region and the identifiers to check come with them."""
+    viewer = make_napari_viewer()
+    widget = AnnotationWidget(viewer)
+    scan = _scan(viewer, tmp_path)
+    bare = viewer.add_image(np.asarray(scan.data), name=scan.name)
+    widget.start(bare)
+    assert widget.aset is not None and widget._source is not None
+    assert widget._read_frame(0).region.bbox == REGION

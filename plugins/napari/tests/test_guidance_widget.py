@@ -274,3 +274,34 @@ def test_switching_between_mm_and_pixel_scans_keeps_every_layer_in_the_scans_uni
         assert len(viewer.layers) == len(LAYER_NAMES)
     assert unit_warnings == []
     widget.stop()
+
+
+def test_a_pseudonym_that_no_longer_resolves_says_to_open_the_scan_again(
+    make_napari_viewer: Any, qtbot: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """The source field holds a DICOM's pseudonym: from another session it failed as "no such
+    file", and a file moved since it was opened failed naming its path (the patient's name)."""
+    import sys
+    from pathlib import Path
+
+    from napari_usguide import _reader
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    from tests.annotation.conftest import SECRETS, write_identified_dicom
+
+    folder = tmp_path / "Doelittle Janeway"
+    folder.mkdir()
+    path = write_identified_dicom(folder / "DOELITTLE_scan.dcm", frames=2)
+    label = _reader.read_scan(str(path))[0][1]["metadata"]["usguide"]["source"]
+    viewer = make_napari_viewer()
+    widget = GuidanceWidget(viewer)
+    path.rename(tmp_path / "moved.dcm")
+    for registry in (_reader._PRIVATE_SOURCES, {}):  # moved; then another session
+        monkeypatch.setattr(_reader, "_PRIVATE_SOURCES", registry)
+        widget.source_edit.setText(label)
+        widget.open_scan()
+        qtbot.waitUntil(lambda: widget._worker is None, timeout=WAIT_MS)
+        said = widget.position_label.text()
+        assert label in said and "opened again" in said, said
+        assert str(tmp_path) not in said and not any(s.lower() in said.lower() for s in SECRETS)
+        assert widget.engine is None and len(viewer.layers) == 0

@@ -151,3 +151,42 @@ def test_manifest_declares_reader_sample_and_widget() -> None:
     pm.register(manifest)
     readers = list(pm.iter_compatible_readers([str(DICOM / "color3d_jpeg_baseline.dcm")]))
     assert [r.plugin_name for r in readers] == ["napari-usguide"]
+
+
+def test_a_pseudonym_from_another_session_says_to_open_the_scan_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pseudonym leads back to its file only in the session that made it: elsewhere (a layer
+    kept in a saved project, one typed from a session summary) it was passed on as a file name
+    and failed as "no such file"; a file moved since it was opened failed naming its path."""
+    import sys
+
+    from napari_usguide import _reader
+    from napari_usguide._reader import ScanNotOpenError, redact, resolve_source
+
+    sys.path.insert(0, str(TEST_DATA.parents[1]))
+    from tests.annotation.conftest import SECRETS, write_identified_dicom
+
+    twin = tmp_path / "Elsewhere"  # a file of the same name in another folder, opened first
+    twin.mkdir()
+    _read(write_identified_dicom(twin / "DOELITTLE_scan.dcm", frames=2))
+    folder = tmp_path / "Doelittle Janeway"
+    folder.mkdir()
+    path = write_identified_dicom(folder / "DOELITTLE_scan.dcm", frames=2)
+    _, kwargs, _ = _read(path)
+    label = kwargs["metadata"]["usguide"]["source"]
+    # Said about a path in this session's registry: its pseudonym instead, never the path.
+    said = redact(f"{path}: frame 2 is truncated ({path.name}, '{path.resolve()}')")
+    assert str(tmp_path) not in said and [s for s in SECRETS if s in said] == []
+    assert said.startswith(f"{label}: frame 2")
+
+    path.rename(tmp_path / "moved.dcm")  # moved after it was opened
+    with pytest.raises(ScanNotOpenError, match="opened again") as moved:
+        resolve_source(label)
+    monkeypatch.setattr(_reader, "_PRIVATE_SOURCES", {})  # another napari session
+    with pytest.raises(ScanNotOpenError, match="opened again") as other:
+        resolve_source(f" {label} ")
+    for error in (moved.value, other.value):
+        assert str(error).startswith(f"{label}: ") and str(tmp_path) not in str(error)
+    assert resolve_source("demo") == "demo"
+    assert resolve_source(str(path)) == str(path)  # a path is left to the opener

@@ -137,3 +137,22 @@ def test_target_layer_follows_the_scan_opened_next_without_mixing_units(
     assert tuple(target.scale) == pytest.approx((1.0, 1.0))
     assert widget.target_xy() == pytest.approx((200.0, 120.0))  # the trainee's point is kept
     assert unit_warnings == []
+
+
+def test_a_recording_whose_pseudonym_no_longer_resolves_says_to_open_it_again(
+    make_napari_viewer: Any, qtbot: Any, monkeypatch: Any
+) -> None:
+    """A session summary records a DICOM's pseudonym; typed in a later session it failed as
+    "no such file" instead of saying what to do."""
+    from napari_usguide import _reader
+
+    monkeypatch.setattr(_reader, "_PRIVATE_SOURCES", {})  # another napari session
+    viewer = make_napari_viewer()
+    widget = TrainingWidget(viewer)
+    widget.source_edit.setText("source-0123456789")
+    widget.place_target()
+    viewer.layers[TARGET_LAYER].add([200.0, 300.0])
+    widget.score_attempt()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    assert "source-0123456789" in widget.status.text()
+    assert "opened again" in widget.status.text()

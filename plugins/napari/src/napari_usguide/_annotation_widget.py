@@ -28,7 +28,15 @@ from qtpy.QtWidgets import (
 )
 
 from napari_usguide._paths import path_row
-from napari_usguide._reader import conform, layers_have_units, placement_over
+from napari_usguide._reader import (
+    conform,
+    layers_have_units,
+    placement_over,
+    pseudonym_in,
+    redact,
+    resolve_source,
+)
+from usguide.errors import UsguideError
 
 if TYPE_CHECKING:
     import napari
@@ -149,13 +157,25 @@ class AnnotationWidget(QWidget):
         if layer is None:
             self.status.setText("No image layer to annotate.")
             return
-        self._close_source()
+        # The scan's source: from the reader's metadata, or a DICOM layer's name (its
+        # pseudonym) when the metadata is gone, as in a layer saved and opened again.
         meta = layer.metadata.get("usguide") or {}
-        if meta.get("source"):
+        spec = str(meta.get("source") or "") or pseudonym_in(layer.name)
+        source = None
+        if spec:
             from napari_usguide._engine import open_scan
-            from napari_usguide._reader import resolve_source
 
-            self._source = open_scan(resolve_source(str(meta["source"])))
+            try:
+                source = open_scan(resolve_source(spec))
+            except (UsguideError, OSError, ValueError) as error:
+                # Said in the status line, never raised in the slot, and with a DICOM's
+                # pseudonym for its path. Not annotated from the pixels alone: they lack the
+                # imaging region and the identifiers an export checks (a pseudonym from another
+                # session says to open the scan again). The annotation in hand stays.
+                self.status.setText(f"error: {redact(str(error))}")
+                return
+        self._close_source()
+        self._source = source
         self.aset = AnnotationSet(self.annotator_edit.text())
         self._attach(layer)
         self.status.setText(f"Annotating {layer.name}.")
@@ -275,7 +295,8 @@ class AnnotationWidget(QWidget):
         # ignore_errors: an error is shown in the status line, not raised again.
         worker = thread_worker(fn, start_thread=False, ignore_errors=True)()
         worker.returned.connect(done)
-        worker.errored.connect(lambda e: self.status.setText(f"error: {e}"))
+        # A source's error names its file: a DICOM's path is said as its pseudonym.
+        worker.errored.connect(lambda e: self.status.setText(f"error: {redact(str(e))}"))
         worker.finished.connect(self._finished)
         self._worker = worker
         self._set_enabled()

@@ -42,7 +42,7 @@ from qtpy.QtWidgets import (
 
 from napari_usguide._engine import DEMO, MODES, GuidanceProcess, Published
 from napari_usguide._paths import path_row
-from napari_usguide._reader import conform, layers_have_units, resolve_source
+from napari_usguide._reader import conform, layers_have_units, redact, resolve_source
 
 if TYPE_CHECKING:
     import napari
@@ -335,7 +335,7 @@ class GuidanceWidget(QWidget):
     def _errored(self, error: BaseException) -> None:
         if not _alive(self):
             return
-        self._error = f"error: {error}"
+        self._error = f"error: {redact(str(error))}"  # a source's error names its file
         self.position_label.setText(self._error)
 
     def _start_one_off(self, fn: Any, *args: Any) -> None:

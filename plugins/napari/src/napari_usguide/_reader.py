@@ -9,12 +9,15 @@ guessed mm value would be worse than none.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from usguide.errors import UsguideError
 
 if TYPE_CHECKING:
     from usguide.sources.base import SeekableSource
@@ -69,13 +72,69 @@ def read_scan(path: PathOrPaths) -> list[LayerData]:
     return [scan_layer(source, name=Path(path).name or str(path))]
 
 
-# Pseudonym -> the path it stands for; never shown, read only to reopen the scan.
+# Pseudonym -> the path it stands for; never shown, read only to reopen the scan. It lives
+# as long as this process: a pseudonym kept elsewhere (a saved layer, a session summary) leads
+# back to nothing in the next napari session.
 _PRIVATE_SOURCES: dict[str, str] = {}
+# What usguide.annotation.deid.safe_label gives a DICOM file.
+_PSEUDONYM = re.compile(r"source-[0-9a-f]{10}")
+_REOPEN = "this scan must be opened again (File > Open)"
+
+
+class ScanNotOpenError(UsguideError, LookupError):
+    """A DICOM scan's pseudonym that this session cannot lead back to a readable file."""
 
 
 def resolve_source(spec: str) -> str:
-    """The path behind a pseudonym given by :func:`read_scan`; any other spec unchanged."""
-    return _PRIVATE_SOURCES.get(spec.strip(), spec)
+    """The path behind a pseudonym given by :func:`read_scan`; any other spec unchanged.
+
+    Raises
+    ------
+    ScanNotOpenError
+        For a pseudonym of another napari session, or of a file no longer where it was
+        opened; the message names the pseudonym, never the path.
+    """
+    text = spec.strip()
+    path = _PRIVATE_SOURCES.get(text)
+    if path is None:
+        if _PSEUDONYM.fullmatch(text) and not os.path.exists(text):
+            raise ScanNotOpenError(
+                text,
+                f"{_REOPEN}; its pseudonym leads back to its file only in the napari "
+                "session that opened it",
+            )
+        return spec
+    if not os.path.exists(path):
+        raise ScanNotOpenError(text, f"{_REOPEN}; its file is no longer where it was opened from")
+    return path
+
+
+def pseudonym_in(name: str) -> str | None:
+    """The pseudonym a layer's name is, or None; the reader may add " (uncalibrated, px)",
+    napari " [1]" to a second layer of one name."""
+    pattern = rf"({_PSEUDONYM.pattern})(?: \(uncalibrated, px\))?(?: \[\d+\])?"
+    match = re.fullmatch(pattern, name.strip())
+    return match.group(1) if match else None
+
+
+def redact(text: str) -> str:
+    """``text`` (an error's message) with every path this session keeps private replaced by
+    its pseudonym: errors of a source name its file, and a DICOM's path often carries the
+    patient's name."""
+    paths = [
+        (form, label)
+        for label, path in _PRIVATE_SOURCES.items()
+        for form in {os.path.realpath(path), os.path.abspath(path), path}
+    ]
+    # Whole paths first, longest first (their folders go too), then the files' own names: a
+    # name replaced first would leave its folders behind in a longer path.
+    for form, label in sorted(paths, key=lambda p: len(p[0]), reverse=True):
+        text = text.replace(form, label)
+    for label, path in _PRIVATE_SOURCES.items():
+        name = os.path.basename(path)
+        if name and not name.isdigit():  # "1", "2" (DICOMDIR files) say nothing: numbers stay
+            text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", label, text)
+    return text
 
 
 # PIL image modes that usguide.sources.images.read_image reads as grey, or as RGB; any other

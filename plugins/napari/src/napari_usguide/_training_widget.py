@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_usguide._paths import path_row
-from napari_usguide._reader import conform, placement_over
+from napari_usguide._reader import conform, placement_over, redact
 
 if TYPE_CHECKING:
     import napari
@@ -211,7 +211,7 @@ class TrainingWidget(QWidget):
         self.status.setText(f"Attempt {self.last_row['attempt']} saved to {folder}.")
 
     def _failed(self, error: BaseException) -> None:
-        self.status.setText(f"error: {error}")
+        self.status.setText(f"error: {redact(str(error))}")  # a source's error names its file
 
     def _finished(self) -> None:
         self._worker = None
