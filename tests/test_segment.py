@@ -11,7 +11,15 @@ import pytest
 from usguide.errors import UsguideError
 from usguide.evaluate import DiceTable
 from usguide.labels import CLASS_NAMES, FASCIA, NERVE, VESSEL
-from usguide.segment import DEFAULT_MODEL, ModelError, Segmenter, available_engines, open_model
+from usguide.segment import (
+    DEFAULT_MODEL,
+    ModelError,
+    Segmenter,
+    available_engines,
+    normalisation_problem,
+    normalise,
+    open_model,
+)
 from usguide.sources.dicom import DicomSource
 from usguide.sources.images import ImageSource, read_mask
 
@@ -184,6 +192,27 @@ def test_model_with_other_classes(tmp_path: Path, engine: str) -> None:
 
     with pytest.raises(ModelError, match="class names"):
         Segmenter(_edited(tmp_path, rename), engine=engine)
+
+
+def test_equalised_input_is_the_same_under_any_grey_map() -> None:
+    """A scanner's grey map (gain, dynamic range) changes grey levels but not their order: the
+    equalised input does not change with it; z-scored alone, it does."""
+    rng = np.random.default_rng(0)
+    grey = (np.clip(rng.normal(130, 35, (64, 64)), 40, 250) // 5 * 5).astype(np.uint8)
+    # An increasing map: darker mid-greys, more contrast (a power 1.6 grey map).
+    lut = 255.0 * (np.arange(256) / 255.0) ** 1.6
+    levels = np.unique(grey)
+    assert len(np.unique(np.round(lut[levels]))) == len(levels)  # no two levels merged
+    mapped = np.round(lut[grey]).astype(np.uint8)
+    out = {}
+    for mode in ("equalise", "zscore"):
+        a, b = np.empty(grey.shape, np.float32), np.empty(grey.shape, np.float32)
+        normalise(grey, {"mode": mode}, a)
+        normalise(mapped, {"mode": mode}, b)
+        out[mode] = float(np.abs(a - b).max())
+    assert out["equalise"] < 1e-5 < 0.1 < out["zscore"]
+    assert normalisation_problem({"mode": "equalise"}) is None
+    assert normalisation_problem({"mode": "equalise", "min_std": 0}) is not None
 
 
 @pytest.mark.parametrize(

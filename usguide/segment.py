@@ -60,11 +60,16 @@ def normalise(grey: np.ndarray, normalisation: dict[str, Any], out: np.ndarray) 
     """Fill ``out`` (float32, grey's shape) with the model's input values.
 
     ``{"mode": "zscore"}``: per-image zero mean, unit variance, which makes the model indifferent
-    to the scanner's overall gain. ``{"mode": "scale", "mean": m, "std": s}``: ``(x/255 - m)/s``.
+    to the scanner's overall gain. ``{"mode": "equalise"}``: the histogram equalised first
+    (``grey`` uint8), then z-scored: each pixel becomes its grey level's rank in the image, the
+    same under any grey map a scanner applies (gain, dynamic range, log compression).
+    ``{"mode": "scale", "mean": m, "std": s}``: ``(x/255 - m)/s``.
     """
     mode = normalisation.get("mode")
+    if mode == "equalise":
+        grey = cv2.equalizeHist(grey)
     np.multiply(grey, 1.0 / 255.0, out=out, dtype=np.float32, casting="unsafe")
-    if mode == "zscore":
+    if mode in ("zscore", "equalise"):
         mean, std = cv2.meanStdDev(out)
         out -= float(mean[0, 0])
         out *= 1.0 / max(float(std[0, 0]), float(normalisation.get("min_std", 0.02)))
@@ -85,7 +90,7 @@ def normalisation_problem(normalisation: dict[str, Any]) -> str | None:
         return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
     mode = normalisation.get("mode")
-    if mode == "zscore":
+    if mode in ("zscore", "equalise"):
         if "min_std" in normalisation and not positive_number("min_std"):
             return "min_std must be a positive number"
         return None
@@ -96,7 +101,7 @@ def normalisation_problem(normalisation: dict[str, Any]) -> str | None:
         if not positive_number("std"):
             return "std must be a positive number"
         return None
-    return f"unknown mode {mode!r} (zscore or scale)"
+    return f"unknown mode {mode!r} (zscore, equalise or scale)"
 
 
 ENGINES = ("auto", "openvino", "onnxruntime")
