@@ -150,3 +150,38 @@ def test_a_typed_name_may_share_one_part_of_a_name_in_the_header(tmp_path) -> No
     with pytest.raises(DeidentificationError, match="annotator") as info:
         check_files([path], ids)
     assert "PatientName" in info.value.reason and "smith" not in info.value.reason.lower()
+
+
+@pytest.mark.parametrize(
+    ("header", "typed"),
+    [
+        ("Smith^Anna Maria", "Anna Smith"),  # a given name of a component of several words
+        ("Smith-Jones^Anna", "Anna Smith"),  # a word of a hyphenated family name
+        ("Smith-Jones^Anna", "Jones, Anna"),
+        ("Wu^Li", "Li Wu"),  # parts too short to search alone, in another order
+        ("Yamada^Tarou=山田^太郎=やまだ^たろう", "山田太郎"),  # an ideographic group
+        ("Yamada^Tarou=山田^太郎=やまだ^たろう", "太郎 山田"),
+        ("Müller^Anna", "Anna Mu\u0308ller"),  # decomposed Unicode (NFD)
+        ("Müller^Anna", "Mu\u0308ller"),
+        ("Smith^Anna", "ＳＭＩＴＨ ＡＮＮＡ"),  # full-width letters
+        ("Smith^Anna", "Mister Smith"),  # a part with a title only
+        ("Smith^Anna", "Madame Smith"),
+        ("Smith^Anna", "Smith PhD"),
+    ],
+)
+def test_a_typed_name_never_passes_a_header_name_in_another_form(header, typed) -> None:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.PatientName = header
+    assert check_name(typed, dicom_identifiers(ds)) == "PatientName"
+
+
+def test_a_typed_name_sharing_one_word_of_a_longer_component_still_passes() -> None:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.PatientName = "Smith-Jones^Anna Maria^^Mrs"
+    ids = dicom_identifiers(ds)
+    for name in ("Anna Berg", "Mrs Anna Berg", "Karl Jones", "Maria de Souza"):
+        assert check_name(name, ids) is None, name

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -164,37 +165,72 @@ def check_name(name: str, identifiers: Mapping[str, str]) -> str | None:
     """The keyword of an identifying value in a person's name typed by the user (the
     annotator), or None.
 
-    As :func:`check_text`, except that one part of a name in the header (a given or family
-    name) may stand beside another word of three letters or more: an annotator "Anna Berg"
-    is not the patient "SMITH^ANNA". A whole name, two parts of one name in any order, a part
-    alone or with only an initial or a title ("A. Smith"), and any other identifying value are
-    hits.
+    As :func:`check_text`, except that one word of a name in the header (a given or family
+    name, or a word of one: "SMITH-JONES", "ANNA MARIA") may stand beside another word of three
+    letters or more: an annotator "Anna Berg" is not the patient "SMITH^ANNA". A whole name,
+    two words of one name in any order, every word of one name (or of one of its ideographic or
+    phonetic groups) however short, a word alone or with only an initial or a title ("A.
+    Smith"), and any other identifying value are hits. Both sides are compared in Unicode
+    normal form NFKC (decomposed and full-width letters are the same name).
     """
-    upper = name.upper()
-    owners = _name_parts(identifiers)
-    found: dict[str, list[str]] = {}  # a header name -> its parts found
+    upper = _norm(name)
+    wholes: dict[str, str] = {}  # a header person name -> its keyword
+    owners: dict[str, set[str]] = {}  # a word of three letters or more -> the names it is in
     for value, keyword in identifiers.items():
-        if not _found(value, upper):
-            continue
-        if keyword not in _NAME_KEYWORDS or value not in owners:
+        value = _norm(value)
+        if keyword in _NAME_KEYWORDS and _NAME_SEPARATORS.search(value):
+            wholes.setdefault(value, keyword)
+            for word in _name_words(value):
+                if len(word) >= _MIN_LENGTH:
+                    owners.setdefault(word, set()).add(value)
+    for value, keyword in identifiers.items():
+        value = _norm(value)
+        if keyword in _NAME_KEYWORDS and (
+            value in owners or value in wholes or _TITLES.fullmatch(value)
+        ):
+            continue  # read word by word below (a title, "MRS", identifies nobody)
+        if _found(value, upper):
             return keyword  # a whole name, an ID, a date ...
-        for whole in owners[value]:
-            found.setdefault(whole, []).append(value)
-    for parts in found.values():
+    found: dict[str, list[str]] = {}  # a header name -> its words found
+    for word, names in owners.items():
+        if _found(word, upper):
+            for whole in names:
+                found.setdefault(whole, []).append(word)
+    for whole, parts in found.items():
         rest = upper
         for part in parts:
             rest = _token(part).sub(" ", rest)
         rest = _TITLES.sub(" ", rest)  # "Mrs Smith" is the patient Smith, not another person
         # Another word must remain, or the typed name is nothing but this person's name.
         if len(parts) > 1 or not re.search(rf"[^\W\d_]{{{_MIN_LENGTH},}}", rest):
-            return identifiers[parts[0]]
+            return wholes[whole]
+    for whole, keyword in wholes.items():
+        # Every word of one group, however short ("WU^LI", ideographic "山田^太郎").
+        for group in whole.split("="):
+            words = set(_name_words(group))
+            if len(words) > 1 and all(_found(w, upper) for w in words):
+                return keyword
     return None
 
 
+# What separates the words of a DICOM person name: components, groups, spaces, hyphens.
+_NAME_SEPARATORS = re.compile(r"[\^=\s,.\-]+")
 _TITLES = re.compile(
-    r"(?<![A-Z0-9])(MR|MRS|MS|MISS|MX|DR|PROF|PROFESSOR|DOCTOR|SIR|MADAM|MME|MLLE|HERR|FRAU)"
+    r"(?<![A-Z0-9])(MR|MRS|MS|MISS|MX|DR|PROF|PROFESSOR|DOCTOR|SIR|MADAM|MME|MLLE|HERR|FRAU"
+    r"|MISTER|MISSUS|MADAME|MADEMOISELLE|MONSIEUR|DOKTOR|DOTT|DOTTORE|DOTTORESSA|DRA|SRA|SRTA"
+    r"|SENOR|SEÑOR|SENORA|SEÑORA|SENHOR|SENHORA|SIGNOR|SIGNORA|REV|PHD|JNR|SNR|JUNIOR|SENIOR)"
     r"(?![A-Z0-9])"
 )
+
+
+def _norm(text: str) -> str:
+    """``text`` as names are compared: NFKC, upper case."""
+    return unicodedata.normalize("NFKC", text).upper()
+
+
+def _name_words(name: str) -> list[str]:
+    """The words of a person name (titles left out)."""
+    return [w for w in _NAME_SEPARATORS.split(name) if w and not _TITLES.fullmatch(w)]
 
 
 def _token(value: str) -> re.Pattern[str]:
@@ -204,19 +240,6 @@ def _token(value: str) -> re.Pattern[str]:
 
 def _found(value: str, upper: str) -> bool:
     return value in upper and _token(value).search(upper) is not None
-
-
-def _name_parts(identifiers: Mapping[str, str]) -> dict[str, set[str]]:
-    """Each part of the person names among ``identifiers`` (as :func:`_forms` splits them) ->
-    the whole names it is a part of."""
-    owners: dict[str, set[str]] = {}
-    for value, keyword in identifiers.items():
-        if keyword in _NAME_KEYWORDS and ("^" in value or "=" in value):
-            for part in re.split(r"[\^=]", value):
-                part = part.strip()
-                if len(part) >= _MIN_LENGTH:
-                    owners.setdefault(part, set()).add(value)
-    return owners
 
 
 def safe_label(
