@@ -518,3 +518,29 @@ def test_another_recording_of_the_same_name_never_replaces_a_reopened_frame(
     again.export(out)  # not known to be the recording: no source key is written for it
     manifest = json.loads((out / MANIFEST).read_text())
     assert len(manifest["frames"]) == 3 and not any(e["source_key"] for e in manifest["frames"])
+
+
+def test_a_blank_frame_alike_in_two_recordings_does_not_prove_which_one_it_is(
+    tmp_path: Path,
+) -> None:
+    shape = (40, 60)
+    aset = AnnotationSet("a")
+    # Recording /a: a black frame first (probe in the air), then an image.
+    aset.add_image(np.zeros(shape, np.uint8), source="/a/clip.mp4", frame_index=0)
+    aset.add_image(speckle(shape, 1), source="/a/clip.mp4", frame_index=1,
+                   labels=blob_labels(shape, (0, 0, 59, 39)))  # fmt: skip
+    out = aset.export(tmp_path / "ds")
+    without_source_keys(out)
+    # Another recording of that name also starts black: its black frame proves nothing, and its
+    # frames are taken on trust only, never written with a source key under the old label.
+    again = AnnotationSet.load(out)
+    assert again.add_image(np.zeros(shape, np.uint8), source="/b/clip.mp4", frame_index=0) == (
+        "clip_00000"
+    )
+    again.add_image(speckle(shape, 5), source="/b/clip.mp4", frame_index=5)
+    again.export(out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert not any(e["source_key"] for e in manifest["frames"])
+    # So the recording itself, found again, still joins its old frames.
+    again = AnnotationSet.load(out)
+    assert again.add_image(speckle(shape, 1), source="/a/clip.mp4", frame_index=1) == "clip_00001"

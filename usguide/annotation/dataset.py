@@ -265,8 +265,9 @@ class AnnotationSet:
 
         Candidates are those labels equal to a name, or to one with a suffix (``-2``: a second
         file of that name). Frame ``frame_index`` of the source (``image``) decides, by its
-        pixels, for or against a candidate holding that frame. Without such a frame, the one
-        candidate equal to a name is taken on trust. Either way :meth:`_put` compares every
+        pixels, for or against a candidate holding that frame (a blank frame, alike in any
+        recording, only against). Without such a frame, the one candidate equal to a name is
+        taken on trust. Either way :meth:`_put` compares every
         re-opened frame it would replace.
         """
         candidates = [
@@ -280,10 +281,10 @@ class AnnotationSet:
                 key = f"{label}_{int(frame_index):05d}"
                 if key not in self._reopened:
                     continue
-                if _shows(image, self.frames[key]):
-                    matching.append(label)
-                else:
+                if not _shows(image, self.frames[key]):
                     candidates.remove(label)
+                elif _distinctive(self.frames[key]):  # a blank frame is alike in any recording
+                    matching.append(label)
         if len(matching) == 1:
             label, unverified = matching[0], False
         elif not matching and len(candidates) == 1 and candidates[0] in names:
@@ -375,7 +376,8 @@ class AnnotationSet:
                     "a usguide that kept no source keys, from a file of the same name); nothing "
                     "was replaced. Add this recording under another file name."
                 )
-            self._unverified.discard(label)
+            if _distinctive(old):
+                self._unverified.discard(label)
         frame = AnnotatedFrame(
             image=np.array(image, np.uint8, copy=True),
             labels=np.zeros((h, w), np.uint8)
@@ -831,6 +833,13 @@ def _shows(image: np.ndarray, reopened: AnnotatedFrame) -> bool:
         return False
     diff = np.abs(crop.astype(np.int32) - held.astype(np.int32))
     return float(diff.mean()) <= _SAME_FRAME_DIFF
+
+
+def _distinctive(reopened: AnnotatedFrame) -> bool:
+    """Whether ``reopened``'s image holds enough of a picture for a match to tell recordings
+    apart: a black or uniform frame (the probe in the air) is alike in any recording."""
+    held = reopened.image[Region(reopened.region).slices].astype(np.float32)
+    return held.size > 0 and float(np.abs(held - np.median(held)).mean()) > 4 * _SAME_FRAME_DIFF
 
 
 def _valid_labels(key: str, labels: Any, shape: tuple[int, ...]) -> np.ndarray:
