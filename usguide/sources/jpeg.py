@@ -22,6 +22,25 @@ _STDERR_LOCK = threading.Lock()  # fd 2 is the whole process's: one capture at a
 _stderr_sink = -1  # descriptor of the file that takes fd 2's output during a decode
 
 
+def _after_fork_in_child() -> None:
+    """A forked child (multiprocessing's workers on Linux) shares the parent's capture file and
+    its offset: it takes its own, or each would read the other's warnings. The lock is held
+    across the fork, so fd 2 is never forked while pointing at the capture file."""
+    global _stderr_sink
+    if _stderr_sink >= 0:
+        os.close(_stderr_sink)
+        _stderr_sink = -1
+    _STDERR_LOCK.release()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_STDERR_LOCK.acquire,
+        after_in_parent=_STDERR_LOCK.release,
+        after_in_child=_after_fork_in_child,
+    )
+
+
 def imdecode_checked(buf: np.ndarray, flag: int) -> tuple[np.ndarray | None, str]:
     """``cv2.imdecode``, and libjpeg's warning that the data is damaged ('' when none).
 
