@@ -190,3 +190,49 @@ def test_a_pseudonym_from_another_session_says_to_open_the_scan_again(
         assert str(error).startswith(f"{label}: ") and str(tmp_path) not in str(error)
     assert resolve_source("demo") == "demo"
     assert resolve_source(str(path)) == str(path)  # a path is left to the opener
+
+
+def test_a_dicoms_warnings_name_its_pseudonym_not_its_path(tmp_path: Path) -> None:
+    """usguide's warnings about a DICOM (a rejected ultrasound region, frame times) name its
+    file, and napari shows Python warnings as notifications: opening the scan, with the reader
+    or in the annotation widget, showed the path (the patient's name in its folder and file
+    name) although the layer and every error line say the pseudonym."""
+    import sys
+    import warnings
+
+    import pydicom
+    from napari_usguide._engine import open_scan
+    from napari_usguide._reader import redacting_warnings, resolve_source
+
+    sys.path.insert(0, str(TEST_DATA.parents[1]))
+    from tests.annotation.conftest import SECRETS, write_identified_dicom
+
+    folder = tmp_path / "Doelittle Janeway"
+    folder.mkdir()
+    path = write_identified_dicom(folder / "DOELITTLE_scan.dcm", frames=2)
+    ds = pydicom.dcmread(path)
+    ds.SequenceOfUltrasoundRegions[0].RegionLocationMaxX1 = 5000  # past the image: rejected
+    ds.save_as(path)
+
+    def said(open_it: object) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            open_it()  # type: ignore[operator]
+        # ResourceWarning (a layer's source closed by the garbage collector) is ignored unless
+        # asked for: napari never shows it.
+        return [str(w.message) for w in caught if not issubclass(w.category, ResourceWarning)]
+
+    read = said(lambda: _read(path))
+    label = _read(path)[1]["metadata"]["usguide"]["source"]
+
+    def reopen() -> None:
+        with redacting_warnings():
+            open_scan(resolve_source(label)).close()
+
+    for messages in (read, said(reopen)):
+        assert any("rejected" in m for m in messages), messages
+        for message in messages:
+            assert str(tmp_path) not in message and "DOELITTLE" not in message, message
+            assert not any(s.lower() in message.lower() for s in SECRETS), message
+            if "rejected" in message:
+                assert message.startswith(f"{label}: "), message

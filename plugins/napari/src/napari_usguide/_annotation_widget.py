@@ -34,6 +34,7 @@ from napari_usguide._reader import (
     placement_over,
     pseudonym_in,
     redact,
+    redacting_warnings,
     resolve_source,
 )
 from usguide.errors import UsguideError
@@ -166,7 +167,8 @@ class AnnotationWidget(QWidget):
             from napari_usguide._engine import open_scan
 
             try:
-                source = open_scan(resolve_source(spec))
+                with redacting_warnings():  # its warnings name the file
+                    source = open_scan(resolve_source(spec))
             except (UsguideError, OSError, ValueError) as error:
                 # Said in the status line, never raised in the slot, and with a DICOM's
                 # pseudonym for its path. Not annotated from the pixels alone: they lack the

@@ -8,10 +8,12 @@ guessed mm value would be worse than none.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,18 +60,20 @@ def read_scan(path: PathOrPaths) -> list[LayerData]:
 
     if not isinstance(path, str | os.PathLike):
         path = path[0]
-    source: SeekableSource = open_source(path)  # type: ignore[assignment]
-    try:
-        _refuse_mixed_images(source)
-    except BaseException:
-        source.close()
-        raise
-    if source.kind == "dicom" or is_dicom_file(path):
-        # A DICOM's file and folder names often carry the patient's name: the layer and its
-        # metadata get the pseudonym, the path stays in this process's registry.
-        label = safe_label(str(path), dicom=True)
-        return [scan_layer(source, name=label, label=label)]
-    return [scan_layer(source, name=Path(path).name or str(path))]
+    # usguide's warnings name the file, and napari shows them: said once the path is private.
+    with redacting_warnings():
+        source: SeekableSource = open_source(path)  # type: ignore[assignment]
+        try:
+            _refuse_mixed_images(source)
+        except BaseException:
+            source.close()
+            raise
+        if source.kind == "dicom" or is_dicom_file(path):
+            # A DICOM's file and folder names often carry the patient's name: the layer and
+            # its metadata get the pseudonym, the path stays in this process's registry.
+            label = safe_label(str(path), dicom=True)
+            return [scan_layer(source, name=label, label=label)]
+        return [scan_layer(source, name=Path(path).name or str(path))]
 
 
 # Pseudonym -> the path it stands for; never shown, read only to reopen the scan. It lives
@@ -135,6 +139,25 @@ def redact(text: str) -> str:
         if name and not name.isdigit():  # "1", "2" (DICOMDIR files) say nothing: numbers stay
             text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", label, text)
     return text
+
+
+@contextlib.contextmanager
+def redacting_warnings() -> Iterator[None]:
+    """The warnings raised inside, warned again on leaving with :func:`redact` applied:
+    usguide's warnings about a source name its file, and napari shows warnings as
+    notifications. The main thread's only (the warnings filters are process-wide)."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:
+        for w in caught:
+            warnings.warn_explicit(
+                redact(str(w.message)), w.category, w.filename, w.lineno, registry=_WARNED
+            )
+
+
+_WARNED: dict[Any, Any] = {}  # the redacted warnings said once, as the originals were
 
 
 # PIL image modes that usguide.sources.images.read_image reads as grey, or as RGB; any other
