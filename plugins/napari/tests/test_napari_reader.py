@@ -236,3 +236,20 @@ def test_a_dicoms_warnings_name_its_pseudonym_not_its_path(tmp_path: Path) -> No
             assert not any(s.lower() in message.lower() for s in SECRETS), message
             if "rejected" in message:
                 assert message.startswith(f"{label}: "), message
+
+
+def test_a_dicoms_file_name_ending_a_sentence_is_redacted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A message naming a DICOM by its file name alone, that name ending a sentence ("cannot
+    read SMITH_JOHN.dcm."), kept the name: the full stop was taken for part of a longer
+    name. Another file whose name merely starts the same is still left alone."""
+    from napari_usguide import _reader
+    from napari_usguide._reader import redact
+
+    monkeypatch.setattr(
+        _reader, "_PRIVATE_SOURCES", {"source-0123456789": "/d/Doe John/DOELITTLE_scan.dcm"}
+    )
+    assert redact("cannot read DOELITTLE_scan.dcm.") == "cannot read source-0123456789."
+    assert redact("DOELITTLE_scan.dcm... gone") == "source-0123456789... gone"
+    assert redact("DOELITTLE_scan.dcm.bak") == "DOELITTLE_scan.dcm.bak"

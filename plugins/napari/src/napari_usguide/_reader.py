@@ -137,7 +137,8 @@ def redact(text: str) -> str:
     for label, path in _PRIVATE_SOURCES.items():
         name = os.path.basename(path)
         if name and not name.isdigit():  # "1", "2" (DICOMDIR files) say nothing: numbers stay
-            text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", label, text)
+            # A full stop that ends a sentence is not part of a longer name ("x.dcm.bak" is).
+            text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-]|\.[\w-])", label, text)
     return text
 
 
