@@ -29,6 +29,17 @@ def shared_data_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+def add_mm_scan(viewer: Any, *, need_units: bool = True) -> Any:
+    """A calibrated DICOM (0.262 mm per pixel) opened through the plugin's reader into
+    ``viewer``; the test is skipped where napari has no layer units and ``need_units``."""
+    from napari_usguide._reader import layers_have_units, read_scan
+
+    if need_units and not layers_have_units():
+        pytest.skip("napari < 0.6 has no layer units")
+    data, kwargs, _ = read_scan(str(TEST_DATA / "dicom" / "OBXXXX1A_rle_2frame.dcm"))[0]
+    return viewer.add_image(data, **kwargs)
+
+
 @pytest.fixture
 def unit_warnings() -> Iterator[list[str]]:
     """napari's "Inconsistent units" warnings while the test runs. napari checks the layers'

@@ -157,14 +157,10 @@ def test_real_model_pre_annotates_a_plain_image_layer(
 
 
 def test_layers_over_the_scan_keep_its_mm_units(make_napari_viewer: Any) -> None:
-    from conftest import TEST_DATA
-    from napari_usguide._reader import layers_have_units
+    from conftest import add_mm_scan
 
-    if not layers_have_units():
-        pytest.skip("napari < 0.6 has no layer units")
     viewer = make_napari_viewer()
-    data, kwargs, _ = read_scan(str(TEST_DATA / "dicom" / "OBXXXX1A_rle_2frame.dcm"))[0]
-    scan = viewer.add_image(data, **kwargs)
+    scan = add_mm_scan(viewer)
     widget = AnnotationWidget(viewer)
     widget.start(scan)
     for name in (LABELS_LAYER, TIPS_LAYER):

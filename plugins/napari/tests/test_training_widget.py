@@ -67,13 +67,12 @@ def test_target_score_and_session_summary(
 
 
 def test_target_layer_takes_the_current_scans_scale_and_units(make_napari_viewer: Any) -> None:
-    from conftest import TEST_DATA
-    from napari_usguide._reader import layers_have_units, read_scan
+    from conftest import add_mm_scan
+    from napari_usguide._reader import layers_have_units
     from napari_usguide._sample_data import demo_scan
 
     viewer = make_napari_viewer()
-    data, kwargs, _ = read_scan(str(TEST_DATA / "dicom" / "OBXXXX1A_rle_2frame.dcm"))[0]
-    first = viewer.add_image(data, **kwargs)
+    first = add_mm_scan(viewer, need_units=False)
     widget = TrainingWidget(viewer)
     widget.place_target()  # made at the first scan's 0.262 mm per pixel
     viewer.layers.remove(first)
@@ -118,14 +117,11 @@ def test_target_layer_follows_the_scan_opened_next_without_mixing_units(
 ) -> None:
     """The target layer took the scan's units only when "Place target" was pressed: after the
     scan was closed and one without a mm scale opened, napari warned about inconsistent units."""
-    from conftest import TEST_DATA
-    from napari_usguide._reader import layers_have_units, read_scan
+    from conftest import TEST_DATA, add_mm_scan
+    from napari_usguide._reader import read_scan
 
-    if not layers_have_units():
-        pytest.skip("napari < 0.6 has no layer units")
     viewer = make_napari_viewer()
-    data, kwargs, _ = read_scan(str(TEST_DATA / "dicom" / "OBXXXX1A_rle_2frame.dcm"))[0]
-    first = viewer.add_image(data, **kwargs)
+    first = add_mm_scan(viewer)
     widget = TrainingWidget(viewer)
     widget.place_target()
     viewer.layers[TARGET_LAYER].add([120.0, 200.0])
