@@ -109,3 +109,18 @@ def test_a_process_forked_during_another_threads_decode_can_decode(
     thread.join()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_other_formats_are_decoded_without_the_capture() -> None:
+    """Only libjpeg prints damage warnings: a PNG neither waits for another thread's capture
+    nor moves fd 2."""
+    image = np.arange(48 * 64, dtype=np.uint16).reshape(48, 64).astype(np.uint8)
+    png = cv2.imencode(".png", image)[1]
+    result: list[tuple[np.ndarray | None, str]] = []
+    with jpeg._STDERR_LOCK:  # another thread's JPEG decode under way
+        worker = threading.Thread(target=lambda: result.append(imdecode_checked(png, 0)))
+        worker.start()
+        worker.join(5.0)
+        assert not worker.is_alive()
+    out, damage = result[0]
+    assert out is not None and np.array_equal(out, image) and damage == ""

@@ -17,6 +17,7 @@ import numpy as np
 # fills the rest in. A bad ICC marker leaves the pixels intact; other warnings (an unknown JFIF
 # revision) are harmless and pass on to stderr as before.
 _JPEG_DAMAGE = re.compile(rb"Corrupt JPEG data: (?!bad ICC marker)|Premature end of JPEG file")
+JPEG_SOI = b"\xff\xd8"
 JPEG_EOI = b"\xff\xd9"
 _STDERR_LOCK = threading.Lock()  # fd 2 is the whole process's: one capture at a time
 _stderr_sink = -1  # descriptor of the file that takes fd 2's output during a decode
@@ -42,7 +43,8 @@ if hasattr(os, "register_at_fork"):
 
 
 def imdecode_checked(buf: np.ndarray, flag: int) -> tuple[np.ndarray | None, str]:
-    """``cv2.imdecode``, and libjpeg's warning that the data is damaged ('' when none).
+    """``cv2.imdecode``, and libjpeg's warning that the data is damaged ('' when none; always
+    for data that is not a JPEG).
 
     OpenCV leaves warnings to libjpeg, which prints them with ``fprintf(stderr)``; so file
     descriptor 2 points at a file for the length of the decode: a few system calls, no second
@@ -52,6 +54,8 @@ def imdecode_checked(buf: np.ndarray, flag: int) -> tuple[np.ndarray | None, str
     bit that keeps the Huffman codes valid) cannot be told from a good one by any decoder.
     """
     global _stderr_sink
+    if bytes(buf[:2]) != JPEG_SOI:  # PNG, TIFF, BMP ...: no libjpeg, nothing to catch
+        return cv2.imdecode(buf, flag), ""
     with _STDERR_LOCK:
         if _stderr_sink < 0:
             # A bare descriptor, kept for the process (a file object would warn at exit).
