@@ -18,6 +18,20 @@ def shared_data_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+def damaged_jpeg(data: bytes, how: str) -> bytes:
+    """JPEG ``data`` damaged half-way through its entropy-coded scan, as a broken transfer or
+    storage leaves it: "cut" (the rest lost, the end-of-image marker still there), "flipped"
+    (32 bytes inverted) or "cut, no end marker"."""
+    mid = (data.index(b"\xff\xda") + len(data)) // 2  # after the start-of-scan header
+    if how == "cut":
+        return data[:mid] + b"\xff\xd9"
+    if how == "flipped":
+        return data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 32]) + data[mid + 32 :]
+    if how == "cut, no end marker":
+        return data[:mid]
+    raise AssertionError(how)
+
+
 @pytest.fixture(scope="session")
 def test_data() -> Path:
     return TEST_DATA

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import usguide
+from tests.conftest import damaged_jpeg
 from usguide.data import datasets as D
 from usguide.data.datasets import (
     DlTrackApo,
@@ -24,7 +25,7 @@ from usguide.data.datasets import (
     open_dataset,
     split,
 )
-from usguide.errors import EmptySourceError, SourceNotFoundError
+from usguide.errors import CorruptSourceError, EmptySourceError, SourceNotFoundError
 from usguide.labels import BACKGROUND, FASCIA, N_CLASSES, NEEDLE, NERVE, VESSEL
 
 # --- a tiny fake mirror ------------------------------------------------------------------------
@@ -168,6 +169,21 @@ def test_rgb_usgra_mask_is_refused(fake_root: Path) -> None:
     rgb = np.zeros((40, 48, 3), np.uint8)
     Image.fromarray(rgb).save(fake_root / "usgra-seg" / "masks" / "0003.png")
     with pytest.raises(InvalidMaskError, match="mode RGB"):
+        UsgraSeg(fake_root)[0]
+
+
+def test_a_damaged_jpeg_image_is_refused_naming_the_file(fake_root: Path) -> None:
+    """libjpeg decodes around damage with only a warning: a training image cut short would
+    otherwise train the model on grey blocks under the mask's nerve."""
+    images = fake_root / "usgra-seg" / "images"
+    noise = np.random.default_rng(1).integers(0, 256, (40, 48), np.uint8)
+    grey = cv2.GaussianBlur(noise, (5, 5), 0)
+    whole = cv2.imencode(".jpg", grey, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    (images / "0003.png").unlink()
+    (images / "0003.jpg").write_bytes(whole)
+    assert UsgraSeg(fake_root)[0].image.shape == grey.shape
+    (images / "0003.jpg").write_bytes(damaged_jpeg(whole, "cut"))
+    with pytest.raises(CorruptSourceError, match=r"0003\.jpg.*JPEG data is damaged"):
         UsgraSeg(fake_root)[0]
 
 

@@ -15,6 +15,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_color_lut, convert_color_space, pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
+from tests.conftest import damaged_jpeg
 from usguide.errors import (
     CalibrationWarning,
     CorruptSourceError,
@@ -573,23 +574,6 @@ def _write_jpeg_cine(path: Path, frames: list[bytes], *, colour: bool) -> Path:
     return path
 
 
-def _entropy_middle(frame: bytes) -> int:
-    """An offset half-way through the entropy-coded data (after the start-of-scan header)."""
-    sos = frame.index(b"\xff\xda")
-    return (sos + len(frame)) // 2
-
-
-def _damaged(frame: bytes, how: str) -> bytes:
-    mid = _entropy_middle(frame)
-    if how == "cut":  # the scan's second half lost; the end-of-image marker still there
-        return frame[:mid] + b"\xff\xd9"
-    if how == "flipped":  # eight bytes inverted inside the scan
-        return frame[:mid] + bytes(b ^ 0xFF for b in frame[mid : mid + 8]) + frame[mid + 8 :]
-    if how == "cut, no end marker":
-        return frame[:mid]
-    raise AssertionError(how)
-
-
 @pytest.mark.parametrize("colour", [False, True], ids=["grey", "colour"])
 @pytest.mark.parametrize("how", ["cut", "flipped"])
 def test_damaged_jpeg_frame_is_a_corrupt_source(
@@ -599,7 +583,7 @@ def test_damaged_jpeg_frame_is_a_corrupt_source(
     an error naming the file and frame, not come out as a concealed grey or smeared image."""
     frames = _jpeg_frames(4, colour=colour)
     good = _write_jpeg_cine(tmp_path / "good.dcm", frames, colour=colour)
-    frames[2] = _damaged(frames[2], how)
+    frames[2] = damaged_jpeg(frames[2], how)
     path = _write_jpeg_cine(tmp_path / "cine.dcm", frames, colour=colour)
     with DicomSource(good) as whole, DicomSource(path) as src:
         assert src.decoder_name == "opencv"
@@ -621,7 +605,7 @@ def test_damaged_first_jpeg_frame_fails_at_open(tmp_path: Path, how: str) -> Non
     """Frame 0 is also the test of OpenCV against pydicom; damage there must not send the file
     to pydicom's decoder, which decodes the same damage without a word."""
     frames = _jpeg_frames(3, colour=True)
-    frames[0] = _damaged(frames[0], how)
+    frames[0] = damaged_jpeg(frames[0], how)
     path = _write_jpeg_cine(tmp_path / "first.dcm", frames, colour=True)
     with pytest.raises(CorruptSourceError, match=r"first\.dcm: frame 0: JPEG data is"):
         DicomSource(path)

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.conftest import damaged_jpeg
 from usguide.errors import (
     CorruptSourceError,
     EmptySourceError,
@@ -177,14 +178,9 @@ def test_a_damaged_jpeg_image_is_a_corrupt_source(tmp_path: Path, how: str) -> N
     rng = np.random.default_rng(0)
     image = cv2.GaussianBlur(rng.integers(0, 256, (120, 160), dtype=np.uint8), (5, 5), 0)
     whole = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
-    mid = (whole.index(b"\xff\xda") + len(whole)) // 2  # inside the entropy-coded scan
-    if how == "cut":
-        data = whole[:mid] + b"\xff\xd9"
-    else:
-        data = whole[:mid] + bytes(b ^ 0xFF for b in whole[mid : mid + 32]) + whole[mid + 32 :]
     good, bad = tmp_path / "a_good.jpg", tmp_path / "b_bad.jpg"
     good.write_bytes(whole)
-    bad.write_bytes(data)
+    bad.write_bytes(damaged_jpeg(whole, how))
     assert read_image(good).shape == image.shape
     with pytest.raises(CorruptSourceError, match="b_bad.jpg.*JPEG data is damaged"):
         read_image(bad)

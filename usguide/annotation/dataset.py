@@ -51,6 +51,7 @@ from usguide.annotation.propagate import FlowMethod, propagate_labels
 from usguide.errors import UsguideError
 from usguide.frame import Frame, Region
 from usguide.labels import CLASS_COLOURS, CLASS_NAMES, N_CLASSES
+from usguide.sources.images import decode_image_file
 
 __all__ = [
     "FORMAT",
@@ -1036,11 +1037,7 @@ def _read_manifest(root: Path) -> dict[str, Any]:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    from usguide.errors import CorruptSourceError
-
-    pixels = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
-    if pixels is None:
-        raise CorruptSourceError(path, "cannot be decoded as an image")
+    pixels = decode_image_file(path)
     if pixels.ndim == 3:
         return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
     return pixels

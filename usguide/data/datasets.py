@@ -43,6 +43,7 @@ from usguide.errors import (
     UsguideError,
 )
 from usguide.labels import BACKGROUND, FASCIA, N_CLASSES, NEEDLE, NERVE, VESSEL
+from usguide.sources.images import decode_image_file
 
 __all__ = [
     "DATASETS",
@@ -718,10 +719,7 @@ def _number(stem: str) -> int:
 
 def _read_grey(path: Path) -> np.ndarray:
     """``(H, W)`` uint8 grey pixels of an image file; colour is converted with OpenCV."""
-    # imdecode of the bytes, not imread: imread fails silently on some non-ASCII paths.
-    pixels = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
-    if pixels is None:
-        raise CorruptSourceError(path, "cannot be decoded as an image")
+    pixels = decode_image_file(path)
     if pixels.dtype != np.uint8:
         raise UnsupportedFormatError(path, f"{pixels.dtype} pixels; expected 8-bit")
     if pixels.ndim == 2:

@@ -77,6 +77,26 @@ def page_count(path: str | os.PathLike[str]) -> int:
         return 1
 
 
+def decode_image_file(path: Path) -> np.ndarray:
+    """The file's pixels as OpenCV decodes them (``IMREAD_UNCHANGED``: BGR order, any depth).
+
+    Every image file usguide reads goes through here, so damaged JPEG data is refused everywhere.
+
+    Raises
+    ------
+    CorruptSourceError
+        The file cannot be decoded, or its JPEG data is damaged (libjpeg would fill the gaps
+        in with grey or smeared blocks, which are not the scan).
+    """
+    data = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII paths too
+    image, damage = imdecode_checked(data, cv2.IMREAD_UNCHANGED) if data.size else (None, "")
+    if damage:
+        raise CorruptSourceError(path, f"JPEG data is damaged ({damage})")
+    if image is None:
+        raise CorruptSourceError(path, "image cannot be decoded (corrupt or not an image)")
+    return image
+
+
 def read_image(path: str | os.PathLike[str], page: int | None = None) -> np.ndarray:
     """Read an image file as uint8 ``(H, W)`` grey or ``(H, W, 3)`` RGB.
 
@@ -109,10 +129,7 @@ def read_image(path: str | os.PathLike[str], page: int | None = None) -> np.ndar
             raise CorruptSourceError(path, f"page {page} cannot be read (no such page, or corrupt)")
         image = mats[0]
     else:
-        data = np.fromfile(p, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII paths too
-        image, damage = imdecode_checked(data, cv2.IMREAD_UNCHANGED) if data.size else (None, "")
-        if damage:  # libjpeg filled the gaps in: grey or smeared blocks, not the scan
-            raise CorruptSourceError(path, f"JPEG data is damaged ({damage})")
+        image = decode_image_file(p)
     if image is None:
         raise CorruptSourceError(path, "image cannot be decoded (corrupt or not an image)")
     if image.dtype == np.uint16:
