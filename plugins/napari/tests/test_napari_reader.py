@@ -253,3 +253,35 @@ def test_a_dicoms_file_name_ending_a_sentence_is_redacted(
     assert redact("cannot read DOELITTLE_scan.dcm.") == "cannot read source-0123456789."
     assert redact("DOELITTLE_scan.dcm... gone") == "source-0123456789... gone"
     assert redact("DOELITTLE_scan.dcm.bak") == "DOELITTLE_scan.dcm.bak"
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.7])
+def test_an_unreadable_dicoms_error_names_its_pseudonym_not_its_path(
+    tmp_path: Path, cut: float
+) -> None:
+    """napari shows a reader's error as a notification: a DICOM cut short (in its header, or in
+    its pixels) named its path, the patient's name in its folder and file name."""
+    import sys
+
+    from napari_usguide._reader import resolve_source
+    from usguide.errors import UsguideError
+
+    sys.path.insert(0, str(TEST_DATA.parents[1]))
+    from tests.annotation.conftest import SECRETS, write_identified_dicom
+
+    folder = tmp_path / "Doelittle Janeway"
+    folder.mkdir()
+    path = write_identified_dicom(folder / "DOELITTLE_scan.dcm", frames=2)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut)])
+    reader = napari_get_reader(str(path))
+    assert reader is not None
+    with pytest.raises(UsguideError) as caught:
+        reader(str(path))
+    error = caught.value
+    message = str(error)
+    assert message.startswith("source-") and error.source == message.split(":")[0]
+    assert str(tmp_path) not in message and "DOELITTLE" not in message, message
+    assert not any(s.lower() in message.lower() for s in SECRETS), message
+    assert error.__cause__ is None and error.__suppress_context__
+    assert resolve_source(error.source) == str(path)  # the pseudonym still leads to the file

@@ -56,24 +56,38 @@ def read_scan(path: PathOrPaths) -> list[LayerData]:
     """Open a scan and return one image layer: ``(T, H, W[, 3])`` for several frames, else
     ``(H, W[, 3])``, with the scale in mm per pixel when the scan is calibrated."""
     from usguide.annotation.deid import safe_label
-    from usguide.sources import is_dicom_file, open_source
+    from usguide.sources import DICOM_SUFFIXES, is_dicom_file, open_source
 
     if not isinstance(path, str | os.PathLike):
         path = path[0]
-    # usguide's warnings name the file, and napari shows them: said once the path is private.
-    with redacting_warnings():
-        source: SeekableSource = open_source(path)  # type: ignore[assignment]
-        try:
-            _refuse_mixed_images(source)
-        except BaseException:
-            source.close()
+    # A DICOM's file and folder names often carry the patient's name: the layer and its
+    # metadata get the pseudonym, the path stays in this process's registry. Registered before
+    # the file is read, so its warnings and errors, which napari shows, name the pseudonym.
+    label = None
+    if Path(path).suffix.lower() in DICOM_SUFFIXES or is_dicom_file(path):
+        label = safe_label(str(path), dicom=True)
+        _PRIVATE_SOURCES[label] = str(path)
+    try:
+        with redacting_warnings():
+            source: SeekableSource = open_source(path)  # type: ignore[assignment]
+            try:
+                _refuse_mixed_images(source)
+            except BaseException:
+                source.close()
+                raise
+            if source.kind == "dicom" and label is None:  # found DICOM by its content
+                label = safe_label(str(path), dicom=True)
+            if label is not None:
+                return [scan_layer(source, name=label, label=label)]
+            return [scan_layer(source, name=Path(path).name or str(path))]
+    except UsguideError as error:
+        if label is None:
             raise
-        if source.kind == "dicom" or is_dicom_file(path):
-            # A DICOM's file and folder names often carry the patient's name: the layer and
-            # its metadata get the pseudonym, the path stays in this process's registry.
-            label = safe_label(str(path), dicom=True)
-            return [scan_layer(source, name=label, label=label)]
-        return [scan_layer(source, name=Path(path).name or str(path))]
+        # The same error, its message and source redacted; the original's chain (a decoder's
+        # error quoting the path) is not shown.
+        error.source, error.reason = label, redact(error.reason)
+        error.args = (redact(str(error.args[0])) if error.args else label,)
+        raise error.with_traceback(None) from None
 
 
 # Pseudonym -> the path it stands for; never shown, read only to reopen the scan. It lives
