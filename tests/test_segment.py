@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -13,9 +14,12 @@ from usguide.evaluate import DiceTable
 from usguide.labels import CLASS_NAMES, FASCIA, NERVE, VESSEL
 from usguide.segment import (
     DEFAULT_MODEL,
+    HISTOGRAM_FLOOR,
     ModelError,
     Segmenter,
     available_engines,
+    histogram_match_lut,
+    histogram_reference,
     normalisation_problem,
     normalise,
     open_model,
@@ -215,9 +219,79 @@ def test_equalised_input_is_the_same_under_any_grey_map() -> None:
     assert normalisation_problem({"mode": "equalise", "min_std": 0}) is not None
 
 
+def _speckle_scan(seed: int) -> np.ndarray:
+    """A smooth speckled image with the long dark tail of a B-mode scan's histogram."""
+    rng = np.random.default_rng(seed)
+    tissue = cv2.GaussianBlur(rng.gamma(1.5, 30.0, (96, 96)), (0, 0), 1.2)
+    return np.clip(tissue + 6, 0, 255).astype(np.uint8)
+
+
+def test_histogram_matching_undoes_another_scanners_grey_map() -> None:
+    """A reference from scans of one look: the same tissue under an S-shaped grey map, matched
+    to it, comes back near its own grey levels; half matched, half way; not matched, it stays."""
+    reference = histogram_reference(_speckle_scan(k) for k in range(8))
+    scan = _speckle_scan(99)
+    v = np.arange(256) / 255.0
+    s_curve = 1.0 / (1.0 + np.exp(-8.0 * (v - 0.5)))
+    lut = np.round(255 * (s_curve - s_curve[0]) / (s_curve[-1] - s_curve[0])).astype(np.uint8)
+    other = cv2.LUT(scan, lut)
+
+    def error(strength: float) -> float:
+        matched = cv2.LUT(other, histogram_match_lut(other, np.asarray(reference), strength))
+        return float(np.abs(matched.astype(float) - scan).mean())
+
+    assert error(1.0) < 3.0 < error(0.5) < 0.7 * error(0.0)
+    identity = histogram_match_lut(scan, np.asarray(reference), 0.0)
+    assert np.array_equal(identity, np.arange(256))
+
+
+def test_histogram_matching_keeps_black_black_and_ignores_it() -> None:
+    """Black beside a convex fan is not tissue: it stays black, and the tissue's levels map the
+    same with it or without it."""
+    reference = np.asarray(histogram_reference(_speckle_scan(k) for k in range(4)))
+    scan = _speckle_scan(7)
+    fan = scan.copy()
+    fan[:, :40] = 0
+    tissue_only = histogram_match_lut(scan[:, 40:], reference, 1.0)
+    with_black = histogram_match_lut(fan, reference, 1.0)
+    assert with_black[0] == 0
+    levels = np.unique(scan[:, 40:])
+    levels = levels[levels >= HISTOGRAM_FLOOR]
+    assert np.abs(with_black[levels].astype(int) - tissue_only[levels]).max() <= 1
+    normalisation = {
+        "mode": "zscore",
+        "histogram_match": 0.5,
+        "histogram_reference": list(reference),
+    }
+    assert normalisation_problem(normalisation) is None
+    out = np.empty(fan.shape, np.float32)
+    normalise(fan, normalisation, out)
+    assert np.isfinite(out).all() and abs(float(out.mean())) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("normalisation", "problem"),
+    [
+        ({"mode": "zscore", "histogram_match": 0.5}, "needs histogram_reference"),
+        ({"mode": "zscore", "histogram_match": 1.5, "histogram_reference": [1, 2]}, "0 to 1"),
+        ({"mode": "zscore", "histogram_match": True, "histogram_reference": [1, 2]}, "0 to 1"),
+        ({"mode": "zscore", "histogram_match": 1, "histogram_reference": [9, 2]}, "decrease"),
+        ({"mode": "zscore", "histogram_match": 1, "histogram_reference": [9, 300]}, "0 to 255"),
+        ({"mode": "zscore", "histogram_match": 1, "histogram_reference": "[1, 2]"}, "a list"),
+    ],
+)
+def test_unusable_histogram_matching_is_named(normalisation: dict, problem: str) -> None:
+    assert problem in (normalisation_problem(normalisation) or "")
+
+
 @pytest.mark.parametrize(
     "normalisation",
-    [{"mode": "foo"}, {"mode": "scale"}, {"mode": "scale", "mean": 0.5, "std": 0}],
+    [
+        {"mode": "foo"},
+        {"mode": "scale"},
+        {"mode": "scale", "mean": 0.5, "std": 0},
+        {"mode": "zscore", "histogram_match": 0.5},
+    ],
 )
 def test_model_with_unusable_normalisation(tmp_path: Path, normalisation: dict) -> None:
     """Refused when opened, naming the file, not on the first frame with a KeyError or a

@@ -10,11 +10,12 @@ brings the labels back to the frame's size, reusing its buffers.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,53 @@ class ModelInfo:
     metadata: dict[str, str]
 
 
+# Grey levels below this are nothing imaged (black beside a convex fan, no echo): histogram
+# matching leaves them as they are and ranks only the levels above.
+HISTOGRAM_FLOOR = 4
+
+
+def histogram_quantiles(grey: np.ndarray, n: int = 100) -> np.ndarray:
+    """The grey levels at ranks ``(k + 0.5) / n`` among ``grey``'s pixels at or above
+    :data:`HISTOGRAM_FLOOR` (uint8 input); the mean over a model's training images is the
+    ``histogram_reference`` of its normalisation. Empty when no pixel is that bright."""
+    counts = np.bincount(grey.ravel(), minlength=256)[HISTOGRAM_FLOOR:].astype(np.float64)
+    total = counts.sum()
+    if not total:
+        return np.empty(0)
+    ranks = (np.arange(n) + 0.5) / n
+    cdf = np.cumsum(counts) / total
+    return HISTOGRAM_FLOOR + np.searchsorted(cdf, ranks).astype(np.float64)
+
+
+def histogram_reference(images: Iterable[np.ndarray], n: int = 100) -> list[float]:
+    """The mean of :func:`histogram_quantiles` over ``images`` (uint8 grey, as the model sees
+    them: imaging region at input size): a ``histogram_reference`` for a normalisation."""
+    quantiles = [q for q in (histogram_quantiles(g, n) for g in images) if q.size]
+    if not quantiles:
+        raise ValueError("no image has pixels above the histogram floor")
+    return [round(float(v), 2) for v in np.mean(quantiles, axis=0)]
+
+
+def histogram_match_lut(grey: np.ndarray, reference: np.ndarray, strength: float) -> np.ndarray:
+    """A uint8 lookup table taking ``grey``'s levels ``strength`` of the way to the levels of
+    the same rank in ``reference`` (quantiles at evenly spaced ranks, as
+    :func:`histogram_quantiles` gives them): the image's grey map brought towards the one the
+    model was trained on. Levels below :data:`HISTOGRAM_FLOOR` stay."""
+    counts = np.bincount(grey.ravel(), minlength=256).astype(np.float64)
+    counts[:HISTOGRAM_FLOOR] = 0.0
+    total = counts.sum()
+    levels = np.arange(256, dtype=np.float64)
+    if not total:
+        return levels.astype(np.uint8)
+    # Each level's mid-rank: a level holding many pixels goes to the middle of its share.
+    ranks = (np.cumsum(counts) - counts / 2.0) / total
+    n = len(reference)
+    matched = np.interp(ranks, (np.arange(n) + 0.5) / n, reference)
+    lut = levels + strength * (matched - levels)
+    lut[:HISTOGRAM_FLOOR] = levels[:HISTOGRAM_FLOOR]
+    return np.clip(lut + 0.5, 0, 255).astype(np.uint8)
+
+
 def normalise(grey: np.ndarray, normalisation: dict[str, Any], out: np.ndarray) -> np.ndarray:
     """Fill ``out`` (float32, grey's shape) with the model's input values.
 
@@ -64,8 +112,17 @@ def normalise(grey: np.ndarray, normalisation: dict[str, Any], out: np.ndarray) 
     (``grey`` uint8), then z-scored: each pixel becomes its grey level's rank in the image, the
     same under any grey map a scanner applies (gain, dynamic range, log compression).
     ``{"mode": "scale", "mean": m, "std": s}``: ``(x/255 - m)/s``.
+
+    With ``"histogram_match": s`` and ``"histogram_reference": [...]`` (the training images'
+    mean quantiles, :func:`histogram_quantiles`) the grey levels are first taken ``s`` of the
+    way to those of the same rank in the reference (:func:`histogram_match_lut`): another
+    scanner's grey map (dynamic range, log compression, an S-shaped curve) is partly undone.
     """
     mode = normalisation.get("mode")
+    strength = float(normalisation.get("histogram_match", 0.0))
+    if strength > 0.0:
+        reference = np.asarray(normalisation["histogram_reference"], dtype=np.float64)
+        grey = cv2.LUT(grey, histogram_match_lut(grey, reference, strength))
     if mode == "equalise":
         grey = cv2.equalizeHist(grey)
     np.multiply(grey, 1.0 / 255.0, out=out, dtype=np.float32, casting="unsafe")
@@ -81,14 +138,21 @@ def normalise(grey: np.ndarray, normalisation: dict[str, Any], out: np.ndarray) 
     return out
 
 
-def normalisation_problem(normalisation: dict[str, Any]) -> str | None:
+def normalisation_problem(
+    normalisation: dict[str, Any], *, reference_required: bool = True
+) -> str | None:
     """Why ``normalisation`` (a model's metadata) cannot be used by :func:`normalise`, or None:
-    checked when the model is opened, so a bad file fails there, naming it, not on a frame."""
+    checked when the model is opened, so a bad file fails there, naming it, not on a frame.
+    ``reference_required=False``: a training config, whose histogram reference the run
+    computes from its training images."""
 
     def positive_number(key: str) -> bool:
         value = normalisation.get(key)
         return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
+    problem = _histogram_match_problem(normalisation, reference_required)
+    if problem:
+        return problem
     mode = normalisation.get("mode")
     if mode in ("zscore", "equalise"):
         if "min_std" in normalisation and not positive_number("min_std"):
@@ -102,6 +166,26 @@ def normalisation_problem(normalisation: dict[str, Any]) -> str | None:
             return "std must be a positive number"
         return None
     return f"unknown mode {mode!r} (zscore, equalise or scale)"
+
+
+def _histogram_match_problem(normalisation: dict[str, Any], reference_required: bool) -> str | None:
+    strength = normalisation.get("histogram_match", 0.0)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+        return "histogram_match must be a number from 0 to 1"
+    if not 0.0 <= strength <= 1.0:
+        return "histogram_match must be a number from 0 to 1"
+    reference = normalisation.get("histogram_reference")
+    if reference is None and (not strength or not reference_required):
+        return None
+    if not isinstance(reference, list) or len(reference) < 2:
+        return "histogram_match needs histogram_reference, a list of grey levels"
+    if not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 255 for v in reference
+    ):
+        return "histogram_reference must hold grey levels from 0 to 255"
+    if any(b < a for a, b in itertools.pairwise(reference)):
+        return "histogram_reference must not decrease (quantiles at rising ranks)"
+    return None
 
 
 ENGINES = ("auto", "openvino", "onnxruntime")

@@ -118,10 +118,13 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
         ('{ mode = "scale", std = 0.25 }', "normalisation: mean must be a finite number"),
         ('{ mode = "scale", mean = 0.5, std = true }', "normalisation.std: expected a number"),
         ('{ mode = "minmax" }', "normalisation: unknown mode 'minmax'"),
+        ('{ mode = "zscore", histogram_match = 2 }', "histogram_match must be a number from 0"),
+        ('{ mode = "zscore", histogram_match = true }', "normalisation.histogram_match: expected"),
         ("{}", "normalisation: unknown mode None"),
         (
             '{ mode = "zscore", minstd = 0.1 }',
-            r"normalisation: unknown keys \['minstd'\] \(allowed: mode, mean, std, min_std\)",
+            r"normalisation: unknown keys \['minstd'\] \(allowed: mode, mean, std, min_std, "
+            r"histogram_match, histogram_reference\)",
         ),
     ],
 )
@@ -138,6 +141,7 @@ def test_a_normalisation_the_runtime_would_refuse_is_refused(
         '{ mode = "zscore" }',
         '{ mode = "zscore", min_std = 0.05 }',
         '{ mode = "scale", mean = 0.5, std = 0.25 }',
+        '{ mode = "zscore", histogram_match = 0.5 }',  # the run computes the reference
     ],
 )
 def test_a_normalisation_the_runtime_reads_is_kept(tmp_path: Path, table: str) -> None:

@@ -60,6 +60,29 @@ def test_tiny_training_run_exports_a_working_model(tmp_path: Path, mirror: Path)
     assert (tmp_path / "model" / "metadata.json").exists()
 
 
+def test_histogram_matching_stores_the_training_images_reference(
+    tmp_path: Path, mirror: Path
+) -> None:
+    """The run computes the reference grey levels from its training images and exports them, so
+    the runtime matches frames to what the model learnt on."""
+    config = TrainConfig(
+        input_size=(64, 64),
+        epochs=1,
+        batch_size=2,
+        datasets=("usgra-seg",),
+        data_root=str(mirror),
+        out=str(tmp_path / "model"),
+        quantize=False,
+        normalisation={"mode": "zscore", "histogram_match": 0.5},
+    )
+    normalisation = Segmenter(train(config, log=lambda _: None)).info.normalisation
+    reference = normalisation["histogram_reference"]
+    assert normalisation["histogram_match"] == 0.5
+    assert len(reference) == 100 and reference == sorted(reference)
+    # Nerve-block scans are mostly dark: the median grey level lies in the lower half.
+    assert 4 <= reference[0] < reference[50] < 128 < reference[-1] <= 255
+
+
 def test_a_training_split_smaller_than_a_batch_is_refused_before_training(
     tmp_path: Path, mirror: Path
 ) -> None:

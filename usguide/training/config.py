@@ -74,7 +74,7 @@ BOUNDS: dict[str, Bounds] = {
 }
 # (low, high) settings: drawn uniformly between the two.
 ORDERED = ("needle_angle_range_deg", "needle_brightness_range")
-NORMALISATION_KEYS = ("mode", "mean", "std", "min_std")
+NORMALISATION_KEYS = ("mode", "mean", "std", "min_std", "histogram_match", "histogram_reference")
 
 
 @dataclass
@@ -119,6 +119,9 @@ class TrainConfig:
     datasets: tuple[str, ...] = ("usgra-seg", "dltrack-apo")
     channels: tuple[int, int, int, int] = (16, 32, 64, 128)
     depth: tuple[int, int, int, int] = (1, 2, 3, 3)
+    # The model's input normalisation (usguide.segment.normalise), stored in its metadata.
+    # ``histogram_match = s`` takes each image's grey levels s of the way to the training
+    # images' (their mean quantiles, computed by the run and stored as histogram_reference).
     normalisation: dict[str, Any] = field(default_factory=lambda: {"mode": "zscore"})
     data_root: str | None = None
     out: str = "models/usguide-seg"
@@ -272,10 +275,10 @@ def _check_normalisation(normalisation: dict[str, Any]) -> None:
     if unknown:
         allowed = ", ".join(NORMALISATION_KEYS)
         raise ValueError(f"normalisation: unknown keys {unknown} (allowed: {allowed})")
-    for key in ("mean", "std", "min_std"):
+    for key in ("mean", "std", "min_std", "histogram_match"):
         value = normalisation.get(key)
         if isinstance(value, bool):  # a bool passes for a number at run time
             raise ValueError(f"normalisation.{key}: expected a number, got {_show(value)}")
-    problem = normalisation_problem(normalisation)
+    problem = normalisation_problem(normalisation, reference_required=False)
     if problem is not None:
         raise ValueError(f"normalisation: {problem}")

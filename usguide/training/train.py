@@ -21,7 +21,7 @@ import torch
 
 from usguide.data.needle_render import NEEDLE_BRIGHTNESS
 from usguide.labels import CLASS_NAMES, NEEDLE
-from usguide.segment import normalise
+from usguide.segment import histogram_reference, normalise
 
 # The settings live in a torch-free module (checked before torch loads); imported from here too.
 from usguide.training.config import TrainConfig
@@ -251,6 +251,12 @@ def train(config: TrainConfig, log: Log = print) -> Path:
             f"the training split holds {len(train_set)} samples, fewer than batch_size = "
             f"{config.batch_size}: no batch would be trained (lower batch_size or add data)"
         )
+    if config.normalisation.get("histogram_match") and "histogram_reference" not in (
+        config.normalisation
+    ):
+        # The grey levels the model learns on, stored with it for run time.
+        reference = histogram_reference(s.image for s in train_set)
+        config.normalisation = {**config.normalisation, "histogram_reference": reference}
     val_full = validation_set(val_set, config.validation_seed, config.input_size)
     model = SegNet(len(CLASS_NAMES), config.channels, config.depth)
     optimiser = torch.optim.AdamW(
