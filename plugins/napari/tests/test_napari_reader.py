@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -264,6 +265,7 @@ def test_an_unreadable_dicoms_error_names_its_pseudonym_not_its_path(
     import sys
 
     from napari_usguide._reader import resolve_source
+
     from usguide.errors import UsguideError
 
     sys.path.insert(0, str(TEST_DATA.parents[1]))
@@ -285,3 +287,39 @@ def test_an_unreadable_dicoms_error_names_its_pseudonym_not_its_path(
     assert not any(s.lower() in message.lower() for s in SECRETS), message
     assert error.__cause__ is None and error.__suppress_context__
     assert resolve_source(error.source) == str(path)  # the pseudonym still leads to the file
+
+
+def test_a_workers_errors_and_warnings_reach_napari_redacted(tmp_path: Path, qtbot: Any) -> None:
+    """napari shows every worker's errors and warnings as notifications: a scan's pipeline,
+    scoring and annotation work run in workers, and their errors and warnings name the file."""
+    import sys
+    import warnings
+
+    from napari.utils.notifications import notification_manager
+    from napari_usguide._reader import private_worker
+
+    from usguide.errors import CorruptSourceError
+
+    sys.path.insert(0, str(TEST_DATA.parents[1]))
+    from tests.annotation.conftest import write_identified_dicom
+
+    folder = tmp_path / "Doelittle Janeway"
+    folder.mkdir()
+    path = write_identified_dicom(folder / "DOELITTLE_scan.dcm", frames=2)
+    label = _read(path)[1]["metadata"]["usguide"]["source"]
+
+    def fail() -> None:
+        warnings.warn(f"{path}: frame 1 has no time stamp", UserWarning, stacklevel=1)
+        raise CorruptSourceError(path, f"frame 1 of {path.name} is truncated")
+
+    shown: list[str] = []
+    notification_manager.notification_ready.connect(lambda n: shown.append(str(n.message)))
+    worker = private_worker(fail)
+    with qtbot.waitSignal(worker.finished, timeout=10_000):
+        worker.start()
+    qtbot.wait(50)  # the relayed signals are delivered on this thread's event loop
+    assert any("no time stamp" in m for m in shown) and any("truncated" in m for m in shown)
+    for message in shown:
+        assert "DOELITTLE" not in message and str(tmp_path) not in message, message
+    # The file's name alone may stand for another scan of that name opened earlier.
+    assert any(m.startswith(f"{label}: frame 1 of source-") for m in shown), shown

@@ -32,6 +32,7 @@ from napari_usguide._reader import (
     conform,
     layers_have_units,
     placement_over,
+    private_worker,
     pseudonym_in,
     redact,
     redacting_warnings,
@@ -291,11 +292,9 @@ class AnnotationWidget(QWidget):
         self.tips_layer.data = np.array(keep, float).reshape(-1, 3 if stacked else 2)
 
     def _run(self, fn: Callable[[], Any], done: Callable[[Any], None], what: str) -> None:
-        from napari.qt.threading import thread_worker
-
         self.status.setText(what + " …")
-        # ignore_errors: an error is shown in the status line, not raised again.
-        worker = thread_worker(fn, start_thread=False, ignore_errors=True)()
+        # An error is shown in the status line, not raised again.
+        worker = private_worker(fn)
         worker.returned.connect(done)
         # A source's error names its file: a DICOM's path is said as its pseudonym.
         worker.errored.connect(lambda e: self.status.setText(f"error: {redact(str(e))}"))

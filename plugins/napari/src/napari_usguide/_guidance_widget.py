@@ -42,7 +42,13 @@ from qtpy.QtWidgets import (
 
 from napari_usguide._engine import DEMO, MODES, GuidanceProcess, Published
 from napari_usguide._paths import path_row
-from napari_usguide._reader import conform, layers_have_units, redact, resolve_source
+from napari_usguide._reader import (
+    conform,
+    layers_have_units,
+    private_worker,
+    redact,
+    resolve_source,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -252,8 +258,6 @@ class GuidanceWidget(QWidget):
     # -- open ----------------------------------------------------------------------------------
     def open_scan(self) -> None:
         """Open the chosen scan and model in a worker thread, then show its first frame."""
-        from napari.qt.threading import thread_worker
-
         if self._worker is not None:
             return
         spec = self.source_edit.text().strip() or DEMO
@@ -268,8 +272,7 @@ class GuidanceWidget(QWidget):
             self._replace_engine(engine)
             self._start_one_off(engine.seek, 0)
 
-        opener = thread_worker(self._open_and_warm, start_thread=False, ignore_errors=True)
-        worker = opener(spec, model, mode)
+        worker = private_worker(self._open_and_warm, spec, model, mode)
         worker.returned.connect(opened)
         self._run(worker)
 
@@ -294,8 +297,8 @@ class GuidanceWidget(QWidget):
 
     # -- workers -------------------------------------------------------------------------------
     def _run(self, worker: Any) -> None:
-        # Workers are made with ignore_errors: an error is reported here (and by napari's
-        # notifications), never re-raised into the event loop.
+        # Workers are made by private_worker: an error is reported here (and, redacted, by
+        # napari's notifications), never re-raised into the event loop.
         self._worker = worker
         self._error = None
         worker.errored.connect(self._errored)
@@ -339,9 +342,7 @@ class GuidanceWidget(QWidget):
         self.position_label.setText(self._error)
 
     def _start_one_off(self, fn: Any, *args: Any) -> None:
-        from napari.qt.threading import thread_worker
-
-        worker = thread_worker(fn, start_thread=False, ignore_errors=True)(*args)
+        worker = private_worker(fn, *args)
         worker.returned.connect(self._one_off_done)
         self._run(worker)
 
@@ -390,8 +391,6 @@ class GuidanceWidget(QWidget):
             self._worker.quit()
 
     def _start_play(self) -> None:
-        from napari.qt.threading import thread_worker
-
         engine = self.engine
         if engine is None or self._worker is not None:
             self.play_button.blockSignals(True)
@@ -401,8 +400,7 @@ class GuidanceWidget(QWidget):
         if engine.at_end:
             engine.restart()
         realtime = SPEEDS[self.speed_combo.currentText()]
-        player = thread_worker(_play, start_thread=False, ignore_errors=True)
-        worker = player(engine, realtime)
+        worker = private_worker(_play, engine, realtime)
         # Each yield only says "there is something new": the handler takes the newest result,
         # so a queue of stale signals after a busy moment costs nothing.
         worker.yielded.connect(self._show_newest)

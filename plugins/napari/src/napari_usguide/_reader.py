@@ -83,11 +83,8 @@ def read_scan(path: PathOrPaths) -> list[LayerData]:
     except UsguideError as error:
         if label is None:
             raise
-        # The same error, its message and source redacted; the original's chain (a decoder's
-        # error quoting the path) is not shown.
-        error.source, error.reason = label, redact(error.reason)
-        error.args = (redact(str(error.args[0])) if error.args else label,)
-        raise error.with_traceback(None) from None
+        # The original's chain (a decoder's error quoting the path) is not shown.
+        raise redacted(error).with_traceback(None) from None
 
 
 # Pseudonym -> the path it stands for; never shown, read only to reopen the scan. It lives
@@ -154,6 +151,48 @@ def redact(text: str) -> str:
             # A full stop that ends a sentence is not part of a longer name ("x.dcm.bak" is).
             text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-]|\.[\w-])", label, text)
     return text
+
+
+def redacted(error: BaseException) -> BaseException:
+    """``error`` with :func:`redact` applied: a :class:`UsguideError` itself, its source and
+    reason redacted; another error whose message names a private path, a RuntimeError that
+    names its type and says the rest redacted."""
+    if isinstance(error, UsguideError):
+        error.source, error.reason = redact(error.source), redact(error.reason)
+        error.args = (redact(str(error.args[0])) if error.args else error.source,)
+        return error
+    text = str(error)
+    said = redact(text)
+    return error if said == text else RuntimeError(f"{type(error).__name__}: {said}")
+
+
+def private_worker(fn: Callable[..., Any], *args: Any) -> Any:
+    """A napari ``thread_worker`` running ``fn(*args)``, not yet started, whose errors and
+    warnings napari's notifications show with :func:`redact` applied.
+
+    A source's errors and warnings name its file. napari's workers relay theirs to the
+    notifications unredacted in some versions, and in others (0.9) not at all, so a worker's
+    warnings went unseen: they are relayed here, redacted, whatever the version. Errors are not
+    raised again (``ignore_errors``): the widget that started the worker shows them too.
+    """
+    from napari.qt.threading import thread_worker
+    from napari.utils.notifications import notification_manager
+
+    worker = thread_worker(fn, start_thread=False, ignore_errors=True)(*args)
+    for signal, relay in ((worker.errored, "_relay_error"), (worker.warned, "_relay_warning")):
+        with contextlib.suppress(AttributeError, TypeError, RuntimeError):
+            signal.disconnect(getattr(worker, relay))  # napari's own relay, unredacted
+
+    def notify(error: BaseException) -> None:
+        # No traceback: napari prints one with each frame's local values (the path among them).
+        shown = redacted(error).with_traceback(None)
+        notification_manager.receive_error(type(shown), shown, None)
+
+    worker.errored.connect(notify)
+    worker.warned.connect(
+        lambda w: notification_manager.receive_warning(redact(str(w[0])), *w[1:4])
+    )
+    return worker
 
 
 @contextlib.contextmanager

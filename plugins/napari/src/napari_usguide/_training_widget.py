@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_usguide._paths import path_row
-from napari_usguide._reader import conform, placement_over, redact
+from napari_usguide._reader import conform, placement_over, private_worker, redact
 
 if TYPE_CHECKING:
     import napari
@@ -171,8 +171,6 @@ class TrainingWidget(QWidget):
 
     def score_attempt(self) -> None:
         """Score the recording against the target in a worker, then add it to the session."""
-        from napari.qt.threading import thread_worker
-
         target = self.target_xy()
         if target is None:
             self.status.setText("Place a target first.")
@@ -182,10 +180,8 @@ class TrainingWidget(QWidget):
         spec = self.source_edit.text().strip() or "demo"
         self.status.setText("Scoring the recorded approach …")
         self.score_button.setEnabled(False)
-        # ignore_errors: an error is shown in the status line (_failed), not raised again.
-        worker = thread_worker(_score, start_thread=False, ignore_errors=True)(
-            spec, target, self.target_frame, self.model
-        )
+        # An error is shown in the status line (_failed), not raised again.
+        worker = private_worker(_score, spec, target, self.target_frame, self.model)
         worker.returned.connect(lambda score: self._scored(score, spec))
         worker.errored.connect(self._failed)
         worker.finished.connect(self._finished)
