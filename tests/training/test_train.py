@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -41,18 +42,19 @@ def mirror(tmp_path: Path) -> Path:
     return root
 
 
-def test_tiny_training_run_exports_a_working_model(tmp_path: Path, mirror: Path) -> None:
-    config = TrainConfig(
-        input_size=(64, 64),
-        epochs=2,
-        batch_size=2,
+def tiny(tmp_path: Path, mirror: Path, **settings: Any) -> TrainConfig:
+    """A run of a few seconds on the USGRA-Seg samples, exported unquantised to tmp/model."""
+    defaults: dict[str, Any] = dict(input_size=(64, 64), epochs=1, batch_size=2, quantize=False)
+    return TrainConfig(
         datasets=("usgra-seg",),
         data_root=str(mirror),
         out=str(tmp_path / "model"),
-        quantize=False,
-        seed=1,
+        **{**defaults, **settings},
     )
-    path = train(config, log=lambda _: None)
+
+
+def test_tiny_training_run_exports_a_working_model(tmp_path: Path, mirror: Path) -> None:
+    path = train(tiny(tmp_path, mirror, epochs=2, seed=1), log=lambda _: None)
     seg = Segmenter(path)
     assert seg.info.input_size == (64, 64)
     labels = seg(np.random.default_rng(0).integers(0, 255, (100, 120), np.uint8))
@@ -65,16 +67,7 @@ def test_histogram_matching_stores_the_training_images_reference(
 ) -> None:
     """The run computes the reference grey levels from its training images and exports them, so
     the runtime matches frames to what the model learnt on."""
-    config = TrainConfig(
-        input_size=(64, 64),
-        epochs=1,
-        batch_size=2,
-        datasets=("usgra-seg",),
-        data_root=str(mirror),
-        out=str(tmp_path / "model"),
-        quantize=False,
-        normalisation={"mode": "zscore", "histogram_match": 0.5},
-    )
+    config = tiny(tmp_path, mirror, normalisation={"mode": "zscore", "histogram_match": 0.5})
     normalisation = Segmenter(train(config, log=lambda _: None)).info.normalisation
     reference = normalisation["histogram_reference"]
     assert normalisation["histogram_match"] == 0.5
