@@ -11,9 +11,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from usguide.segment import Segmenter  # noqa: E402
+from usguide.segment import Segmenter, histogram_reference, normalise  # noqa: E402
 from usguide.training.loss import marginal_cross_entropy, soft_dice_loss  # noqa: E402
-from usguide.training.train import TrainConfig, train  # noqa: E402
+from usguide.training.train import Batches, TrainConfig, load_samples, train  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "usgra-seg"
 
@@ -74,6 +74,28 @@ def test_histogram_matching_stores_the_training_images_reference(
     assert len(reference) == 100 and reference == sorted(reference)
     # Nerve-block scans are mostly dark: the median grey level lies in the lower half.
     assert 4 <= reference[0] < reference[50] < 128 < reference[-1] <= 255
+
+
+def test_histogram_matching_leaves_the_training_input_as_it_was(
+    tmp_path: Path, mirror: Path
+) -> None:
+    """Only the runtime matches histograms: the network trains on the same input with the
+    setting as without it, so the setting can be added to a recipe without changing what the
+    network learns on."""
+    plain = tiny(tmp_path, mirror)
+    matched = tiny(tmp_path, mirror, normalisation={"mode": "zscore", "histogram_match": 0.5})
+    samples, _ = load_samples(plain, log=lambda _: None)
+    matched.normalisation["histogram_reference"] = histogram_reference(s.image for s in samples)
+    first = [
+        next(Batches(samples, config).epoch(np.random.default_rng(3)))[0]
+        for config in (plain, matched)
+    ]
+    assert torch.equal(first[0], first[1])
+    x = np.empty(samples[0].image.shape, np.float32)
+    y = np.empty_like(x)
+    normalise(samples[0].image, plain.normalisation, x)
+    normalise(samples[0].image, matched.normalisation, y)
+    assert not np.allclose(x, y, atol=0.05)  # at run time the setting does change the input
 
 
 def test_a_training_split_smaller_than_a_batch_is_refused_before_training(

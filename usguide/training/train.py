@@ -126,6 +126,14 @@ def _draw_needle(
     return rendered.image, mask
 
 
+def training_normalisation(normalisation: dict[str, Any]) -> dict[str, Any]:
+    """The normalisation of the network's training input: the model's own, less histogram
+    matching, which only the runtime applies. Trained on the augmented images as they are, the
+    network keeps what the augmentation teaches it (gain, depth gain); matched in training too,
+    it had learnt less and held up less under other grey maps (the model card)."""
+    return {k: v for k, v in normalisation.items() if not k.startswith("histogram_")}
+
+
 class Batches:
     """Augmented training batches as tensors, reproducible from the generator it is given."""
 
@@ -135,6 +143,7 @@ class Batches:
         self.samples = samples
         self.config = config
         self.augment = UltrasoundAugment(default_transforms(config.scanner_looks))
+        self._normalisation = training_normalisation(config.normalisation)
         self._x = np.empty((1, *config.input_size), np.float32)
 
     def epoch(
@@ -181,7 +190,7 @@ class Batches:
                     image, mask = s.image, s.mask
                 image, mask = self.augment(image, mask, rng)
                 x = np.empty(image.shape, np.float32)
-                normalise(image, self.config.normalisation, x)
+                normalise(image, self._normalisation, x)
                 xs.append(x)
                 ys.append(mask.astype(np.int64))
                 ls.append(s.labelled)
@@ -254,7 +263,7 @@ def train(config: TrainConfig, log: Log = print) -> Path:
     if config.normalisation.get("histogram_match") and "histogram_reference" not in (
         config.normalisation
     ):
-        # The grey levels the model learns on, stored with it for run time.
+        # The training images' grey levels: the runtime takes each frame's towards them.
         reference = histogram_reference(s.image for s in train_set)
         config.normalisation = {**config.normalisation, "histogram_reference": reference}
     val_full = validation_set(val_set, config.validation_seed, config.input_size)
