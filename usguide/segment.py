@@ -62,11 +62,16 @@ class ModelInfo:
 HISTOGRAM_FLOOR = 4
 
 
+def _grey_counts(grey: np.ndarray) -> np.ndarray:
+    """Pixels per grey level (uint8 input), float64."""
+    return cv2.calcHist([grey], [0], None, [256], [0, 256]).ravel().astype(np.float64)
+
+
 def histogram_quantiles(grey: np.ndarray, n: int = 100) -> np.ndarray:
     """The grey levels at ranks ``(k + 0.5) / n`` among ``grey``'s pixels at or above
     :data:`HISTOGRAM_FLOOR` (uint8 input); the mean over a model's training images is the
     ``histogram_reference`` of its normalisation. Empty when no pixel is that bright."""
-    counts = np.bincount(grey.ravel(), minlength=256)[HISTOGRAM_FLOOR:].astype(np.float64)
+    counts = _grey_counts(grey)[HISTOGRAM_FLOOR:]
     total = counts.sum()
     if not total:
         return np.empty(0)
@@ -89,7 +94,7 @@ def histogram_match_lut(grey: np.ndarray, reference: np.ndarray, strength: float
     the same rank in ``reference`` (quantiles at evenly spaced ranks, as
     :func:`histogram_quantiles` gives them): the image's grey map brought towards the one the
     model was trained on. Levels below :data:`HISTOGRAM_FLOOR` stay."""
-    counts = np.bincount(grey.ravel(), minlength=256).astype(np.float64)
+    counts = _grey_counts(grey)
     counts[:HISTOGRAM_FLOOR] = 0.0
     total = counts.sum()
     levels = np.arange(256, dtype=np.float64)
