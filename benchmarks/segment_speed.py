@@ -6,8 +6,9 @@ Usage::
 
 Rows: the model's inference alone (onnxruntime run on a preprocessed input), and the whole stage
 (crop, resize, normalise, infer, softmax, argmax, small regions dropped, labels back to frame
-size), and the whole stage keeping every region (``min_region_fraction={}``, what dropping small
-regions costs), for every model file in the folder (model.onnx as shipped, model_fp32.onnx when
+size), the whole stage keeping every region (``min_region_fraction={}``, what dropping small
+regions costs) and, for a model that matches histograms, the whole stage without (what the
+matching costs), for every model file in the folder (model.onnx as shipped, model_fp32.onnx when
 present). Two inference threads.
 Frames are the real SonoSite cine (tests/data/dicom/color3d_jpeg_baseline.dcm, 640 x 480),
 cycled.
@@ -16,6 +17,7 @@ cycled.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import platform
@@ -58,32 +60,35 @@ def main() -> None:
     for engine, path in itertools.product(available_engines(), models):
         seg = Segmenter(path, threads=args.threads, engine=engine)
         keep_all = Segmenter(path, threads=args.threads, engine=engine, min_region_fraction={})
-        # One inference session for both: two sessions' idle threads would contend for 2 cores.
+        # One inference session for all: two sessions' idle threads would contend for 2 cores.
         keep_all._engine = seg._engine
+        variants = [("whole stage, every region kept", keep_all)]
+        if seg.info.normalisation.get("histogram_match"):
+            unmatched = Segmenter(path, threads=args.threads, engine=engine)
+            unmatched._engine = seg._engine
+            plain = {k: v for k, v in seg.info.normalisation.items() if "histogram" not in k}
+            unmatched.info = dataclasses.replace(seg.info, normalisation=plain)
+            variants.append(("whole stage, no histogram matching", unmatched))
         x = np.random.default_rng(0).standard_normal((1, 1, *seg.info.input_size), np.float32)
         run = seg._engine.run
+        stages = [("whole stage", seg), *variants]
         for _ in range(30):
             run(x)
-            seg(frames[0])
-            keep_all(frames[0])
-        infer, stage, stage_keep_all = [], [], []
+            for _, stage in stages:
+                stage(frames[0])
+        times: dict[str, list[float]] = {"inference": []}
+        times.update({part: [] for part, _ in stages})
         for i in range(args.frames):
             t = time.perf_counter()
             run(x)
-            infer.append(time.perf_counter() - t)
+            times["inference"].append(time.perf_counter() - t)
             frame = frames[i % len(frames)]
-            t = time.perf_counter()
-            seg(frame)
-            stage.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            keep_all(frame)
-            stage_keep_all.append(time.perf_counter() - t)
-        for part, times in (
-            ("inference", infer),
-            ("whole stage", stage),
-            ("whole stage, every region kept", stage_keep_all),
-        ):
-            med, p95, p99 = percentiles(times)
+            for part, stage in stages:  # interleaved: each frame through each variant
+                t = time.perf_counter()
+                stage(frame)
+                times[part].append(time.perf_counter() - t)
+        for part, part_times in times.items():
+            med, p95, p99 = percentiles(part_times)
             rows[(engine, path.name, part)] = med
             print(
                 f"| {engine} | {path.name} | {part} | {med:.2f} | {p95:.2f} | {p99:.2f} | "
@@ -95,6 +100,15 @@ def main() -> None:
         for (engine, name, part), med in rows.items():
             if part == "whole stage":
                 print(f"- {engine} {name}: {base / med:.2f}x")
+    costs = [
+        (engine, name, med / rows[(engine, name, "whole stage, no histogram matching")])
+        for (engine, name, part), med in rows.items()
+        if part == "whole stage" and (engine, name, "whole stage, no histogram matching") in rows
+    ]
+    if costs:
+        print("\nwhole stage with histogram matching, time relative to without (same run):")
+        for engine, name, ratio in costs:
+            print(f"- {engine} {name}: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ def test_shipped_model_metadata_is_complete(engine: str) -> None:
     card = json.loads((DEFAULT_MODEL.parent / "metadata.json").read_text())
     assert card["version"] == info.version
     assert card["input_size"] == list(info.input_size)
+    assert card["normalisation"] == info.normalisation
     logits = runner.run(np.zeros((1, 1, *info.input_size), np.float32))
     assert logits.shape == (1, len(CLASS_NAMES), *info.input_size)
 
@@ -346,13 +347,15 @@ class _FixedLogits:
 
 def test_small_isolated_regions_are_dropped_from_labels_not_probabilities() -> None:
     """A vessel speck the size of the model's false alarms goes; a vessel, a fascia band and a
-    nerve speck stay; the probabilities keep everything."""
+    nerve as small as the smallest annotated one stay; a nerve of two pixels (where class
+    margins cross at a needle's tip) goes; the probabilities keep everything."""
     logits = np.zeros((5, 256, 256), np.float32)
     logits[VESSEL, 100:120, 100:120] = 5.0  # 400 model px, 0.6 % of the region
     logits[VESSEL, 30:34, 30:34] = 5.0  # 16 px, 0.02 %
     logits[FASCIA, 200:206, 10:246] = 5.0  # a band: 1416 px
     logits[FASCIA, 60:63, 200:204] = 5.0  # 12 px
-    logits[NERVE, 150:154, 150:154] = 5.0  # 16 px
+    logits[NERVE, 150:154, 150:154] = 5.0  # 16 px, 0.024 %
+    logits[NERVE, 20, 220:222] = 5.0  # 2 px
     frame = np.random.default_rng(0).integers(0, 255, (512, 512), np.uint8)
 
     def labels_with(**kwargs: object) -> tuple[np.ndarray, np.ndarray]:
@@ -366,11 +369,13 @@ def test_small_isolated_regions_are_dropped_from_labels_not_probabilities() -> N
     assert (labels[402:410, 40:480] == FASCIA).all()
     assert not (labels[110:136, 390:418] == FASCIA).any()
     assert (labels[302:306, 302:306] == NERVE).all()
+    assert not (labels[32:50, 432:452] == NERVE).any()
     assert probs[VESSEL, 31, 31] > 0.9 and probs[FASCIA, 61, 201] > 0.9
 
     kept, _ = labels_with(min_region_fraction={})
     assert (kept[62:66, 62:66] == VESSEL).all()
     assert (kept[122:124, 402:406] == FASCIA).all()
+    assert (kept[40:42, 441:443] == NERVE).any()
     assert (kept == labels).mean() > 0.99
 
     with pytest.raises(ValueError, match="unknown class"):
