@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from usguide.segment import Segmenter, available_engines
+from usguide.segment import Segmenter, available_engines, without_histogram_matching
 from usguide.sources.dicom import DicomSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def main() -> None:
         if seg.info.normalisation.get("histogram_match"):
             unmatched = Segmenter(path, threads=args.threads, engine=engine)
             unmatched._engine = seg._engine
-            plain = {k: v for k, v in seg.info.normalisation.items() if "histogram" not in k}
+            plain = without_histogram_matching(seg.info.normalisation)
             unmatched.info = dataclasses.replace(seg.info, normalisation=plain)
             variants.append(("whole stage, no histogram matching", unmatched))
         x = np.random.default_rng(0).standard_normal((1, 1, *seg.info.input_size), np.float32)

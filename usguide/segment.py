@@ -112,6 +112,12 @@ def histogram_match_lut(grey: np.ndarray, reference: np.ndarray, strength: float
     return np.clip(lut + 0.5, 0, 255).astype(np.uint8)
 
 
+def without_histogram_matching(normalisation: dict[str, Any]) -> dict[str, Any]:
+    """``normalisation`` less its histogram matching: what the network is trained on (only the
+    runtime matches), and the runtime's input without it, for comparison."""
+    return {k: v for k, v in normalisation.items() if not k.startswith("histogram_")}
+
+
 def normalise(grey: np.ndarray, normalisation: dict[str, Any], out: np.ndarray) -> np.ndarray:
     """Fill ``out`` (float32, grey's shape) with the model's input values.
 

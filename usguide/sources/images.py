@@ -130,8 +130,6 @@ def read_image(path: str | os.PathLike[str], page: int | None = None) -> np.ndar
         image = mats[0]
     else:
         image = decode_image_file(p)
-    if image is None:
-        raise CorruptSourceError(path, "image cannot be decoded (corrupt or not an image)")
     if image.dtype == np.uint16:
         # A fixed >> 8 turns data of 12 bits or fewer nearly black.
         shift = max(0, int(image.max()).bit_length() - 8)

@@ -21,7 +21,7 @@ import torch
 
 from usguide.data.needle_render import NEEDLE_BRIGHTNESS
 from usguide.labels import CLASS_NAMES, NEEDLE
-from usguide.segment import histogram_reference, normalise
+from usguide.segment import histogram_reference, normalise, without_histogram_matching
 
 # The settings live in a torch-free module (checked before torch loads); imported from here too.
 from usguide.training.config import TrainConfig
@@ -126,14 +126,6 @@ def _draw_needle(
     return rendered.image, mask
 
 
-def training_normalisation(normalisation: dict[str, Any]) -> dict[str, Any]:
-    """The normalisation of the network's training input: the model's own, less histogram
-    matching, which only the runtime applies. Trained on the augmented images as they are, the
-    network keeps what the augmentation teaches it (gain, depth gain); matched in training too,
-    it had learnt less and held up less under other grey maps (the model card)."""
-    return {k: v for k, v in normalisation.items() if not k.startswith("histogram_")}
-
-
 class Batches:
     """Augmented training batches as tensors, reproducible from the generator it is given."""
 
@@ -143,7 +135,10 @@ class Batches:
         self.samples = samples
         self.config = config
         self.augment = UltrasoundAugment(default_transforms(config.scanner_looks))
-        self._normalisation = training_normalisation(config.normalisation)
+        # Only the runtime matches histograms. Trained on the augmented images as they are, the
+        # network keeps what the augmentation teaches it (gain, depth gain); matched in training
+        # too, it held up less under other grey maps (the model card).
+        self._normalisation = without_histogram_matching(config.normalisation)
         self._x = np.empty((1, *config.input_size), np.float32)
 
     def epoch(
