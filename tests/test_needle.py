@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from usguide.data.augment import sector_mask
+from usguide.data.augment import sector_mask, sector_view
 from usguide.data.needle_render import NeedlePose, needle_sequence, render_needle
 from usguide.frame import Frame, Region
 from usguide.imaging_region import find_imaging_region
@@ -212,6 +212,7 @@ def detection(
         model_width_mm=0.8,
         wander_px=0.5,
         entry_gap_px=0.0,
+        surface_share=0.0,
         tip_in_plane=in_plane,
         confidence=confidence,
         shaft_confidence=confidence if shaft_confidence is None else shaft_confidence,
@@ -504,12 +505,19 @@ def test_extreme_features_give_a_confidence_not_an_overflow():
     # An end ratio over a near-zero shaft level can be huge either way; the confidence must
     # saturate at 0 or 1 rather than raise (it did: math.exp overflowed mid-scan).
     weights = NeedleConfig().confidence_weights
-    low = detection_features(0.5, 0.8, 50.0, 5.0, -1e6, 0.1, 1.0)
-    high = detection_features(0.5, 0.8, 50.0, 5.0, 1.0, -1e6, 1.0)
+    low = detection_features(0.5, 0.8, 50.0, 5.0, -1e6, 0.1, 1.0, 0.0)
+    high = detection_features(0.5, 0.8, 50.0, 5.0, 1.0, -1e6, 1.0, 0.0)
     assert detection_confidence(weights, low) == 0.0
     assert detection_confidence(weights, high) == 1.0
-    usual = detection_features(0.9, 0.8, 60.0, 8.0, 1.0, 0.05, 0.0)
+    usual = detection_features(0.9, 0.8, 60.0, 8.0, 1.0, 0.05, 0.0, 0.0)
     assert 0.0 < detection_confidence(weights, usual) < 1.0
+
+
+@pytest.mark.parametrize("name", ["confidence_weights", "shaft_confidence_weights"])
+def test_confidence_weights_of_the_wrong_length_are_refused(name):
+    # Weights fitted before a feature was added would fail mid-scan, in a numpy error.
+    with pytest.raises(ValueError, match=f"{name}: expected 9 weights"):
+        NeedleConfig(**{name: (0.0,) * 8})
 
 
 def test_shaft_cut_by_the_top_edge_keeps_its_angle():
@@ -612,6 +620,27 @@ def test_the_side_of_a_sector_image_is_not_a_needle(scan):
     cv2.line(labels, ends[0], ends[1], 4, thickness=5)
     found = NeedleStage().detector(frame, labels)
     assert found is None or found.shaft_confidence < NeedleConfig().min_confidence
+
+
+@pytest.mark.parametrize("from_col, to_col", [(160, 260), (165, 230), (380, 300)])
+def test_a_convex_probes_skin_arc_is_not_a_needle(scan, from_col, to_col):
+    # Under a convex probe the skin line follows the fan's near arc, and toward the fan's top
+    # corners the model may label a stretch of it needle (a real lung video: 30 frames). It is a
+    # bright ridge over black, so it passed as a confident shaft (0.95-0.98). The whole of it
+    # lies at the surface, where no needle in tissue runs.
+    image, box = scan
+    x0, y0 = box[:2]
+    grey, _, imaged = sector_view(image, np.zeros_like(image), box)
+    pixels = grey * imaged
+    first_echo = np.argmax(pixels[y0:] > 10, axis=0)
+    columns = np.arange(min(from_col, to_col), max(from_col, to_col))
+    assert first_echo[columns].max() < 40  # the stretch lies on the arc, near a corner
+    labels = np.zeros_like(image)
+    arc = np.stack([x0 + columns, y0 + first_echo[columns] + 3], axis=1).astype(np.int32)
+    cv2.polylines(labels, [arc], False, NEEDLE, thickness=5)
+    found = NeedleStage().detector(frame_of(pixels, 0, box), labels)
+    assert found is None or found.shaft_confidence < NeedleConfig().min_confidence
+    assert found is None or found.surface_share > 0.9
 
 
 def test_a_needle_through_the_side_of_a_sector_is_found(segmenter, scan):

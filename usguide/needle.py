@@ -79,6 +79,9 @@ _MIN_BEND_SPAN_MM = 10.0
 # tissue. (A true tip falls to half its level before bright tissue in line beyond it begins.)
 _RUN_PAST_MODEL_MM = 2.0
 _RUN_ON_LEVEL = 0.5
+# Depth under the first echo of a column (the skin surface) within which a shaft point counts
+# as lying on the surface (see NeedleDetection.surface_share).
+_SURFACE_MM = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,14 +171,25 @@ class NeedleConfig:
     ransac_iterations: int = 192
     seed: int = 0
     # Logistic weights over :func:`detection_features`, fitted on rendered sequences of the
-    # training split by ``benchmarks/needle_confidence_fit.py``.
+    # training split by ``benchmarks/needle_confidence_fit.py`` (for model 1.4.0; the surface
+    # share, added later, has no weight here).
     confidence_weights: tuple[float, ...] = (
-        -16.459, 7.580, 0.881, 2.255, 0.685, 7.186, -7.149, -3.366,
+        -16.459, 7.580, 0.881, 2.255, 0.685, 7.186, -7.149, -3.366, 0.0,
     )  # fmt: skip
-    # The same fit for "this line is the needle's shaft", tip in plane or not.
+    # The same fit for "this line is the needle's shaft", tip in plane or not, on linear and
+    # convex views (``--with-sector``, a convex detection weighing 0.25), for model 1.5.0.
     shaft_confidence_weights: tuple[float, ...] = (
-        -9.424, 7.365, 0.497, 0.750, 0.705, 3.563, 8.189, -3.320,
+        -9.784, 4.688, 3.716, 2.248, -0.614, 3.669, -5.041, -3.494, -2.541,
     )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        for name in ("confidence_weights", "shaft_confidence_weights"):
+            weights = getattr(self, name)
+            if len(weights) != N_DETECTION_FEATURES:
+                raise ValueError(
+                    f"{name}: expected {N_DETECTION_FEATURES} weights, one per detection "
+                    f"feature (see detection_features), got {len(weights)}"
+                )
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +226,10 @@ class NeedleDetection:
         non-black pixel of a sector image) to where the visible shaft begins, pixels. A needle
         enters from the skin; a bright line that starts deep in the tissue is more likely
         fascia.
+    surface_share : float
+        Share of the visible shaft that lies within ``_SURFACE_MM`` under the first echo of its
+        column (the skin, or a convex probe's near arc): a needle goes down into tissue, and a
+        bright line that runs along where the image begins is the skin surface.
     tip_in_plane : bool
         The shaft ends in a tip, not by fading out of the imaging plane.
     confidence : float
@@ -233,6 +251,7 @@ class NeedleDetection:
     model_width_mm: float
     wander_px: float
     entry_gap_px: float
+    surface_share: float
     tip_in_plane: bool
     confidence: float
     shaft_confidence: float
@@ -796,6 +815,10 @@ class NeedleDetector:
         imaged = np.flatnonzero(holds_image)
         first = int(imaged[0]) if imaged.size else 0
         entry_gap = max(0.0, float(s[start] - s[min(first, start)]))
+        on_axis = centre + s[start : last + 1, None] * direction
+        if bend is not None:
+            on_axis += bend[start : last + 1, None] * _down_normal(direction)
+        surface = _surface_share(grey, on_axis, _SURFACE_MM / mm_per_px)
         features = detection_features(
             support,
             model_width,
@@ -804,6 +827,7 @@ class NeedleDetector:
             end_ratio,
             wander * mm_per_px,
             entry_gap * mm_per_px,
+            surface,
         )
         confidence = 0.0 if runs_on else detection_confidence(cfg.confidence_weights, features)
         shaft_confidence = detection_confidence(cfg.shaft_confidence_weights, features)
@@ -819,10 +843,15 @@ class NeedleDetector:
             model_width_mm=model_width,
             wander_px=wander,
             entry_gap_px=entry_gap,
+            surface_share=surface,
             tip_in_plane=end_ratio >= cfg.tip_ratio,
             confidence=confidence,
             shaft_confidence=shaft_confidence,
         )
+
+
+# Length of detection_features' vector, the bias included.
+N_DETECTION_FEATURES = 9
 
 
 def detection_features(
@@ -833,15 +862,17 @@ def detection_features(
     end_ratio: float,
     wander_mm: float,
     entry_gap_mm: float,
+    surface_share: float,
 ) -> np.ndarray:
     """The numbers a detection's confidence is computed from (a logistic model over them):
     1 (bias), model support, width of the model's needle mask (mm, capped at 1.5), contrast / 100,
     visible length (mm, capped at 10) / 10, end ratio (capped at 1.2: a brighter end is a bevel,
-    a much brighter one is no more needle-like), centre-line wander (mm) and the gap between the
-    image's edge and the visible shaft (mm, capped at 20) / 10."""
+    a much brighter one is no more needle-like), centre-line wander (mm), the gap between the
+    image's edge and the visible shaft (mm, capped at 20) / 10, and the share of the shaft on the
+    skin surface."""
     return np.array(
         [1.0, support, min(model_width_mm, 1.5), contrast / 100.0, min(length_mm, 10.0) / 10.0,
-         min(end_ratio, 1.2), wander_mm, min(entry_gap_mm, 20.0) / 10.0],
+         min(end_ratio, 1.2), wander_mm, min(entry_gap_mm, 20.0) / 10.0, surface_share],
     )  # fmt: skip
 
 
@@ -1305,3 +1336,16 @@ class NeedleStage:
     def __call__(self, frame: Frame, labels: np.ndarray | None) -> NeedleState:
         self.detection = self.detector(frame, labels)
         return self.tracker.update(self.detection, frame)
+
+
+def _surface_share(grey: np.ndarray, points: np.ndarray, depth_px: float) -> float:
+    """Share of ``points`` ((N, 2) x, y in region pixels) within ``depth_px`` under the first
+    pixel of their column that holds image (the skin line; under a convex probe's near arc, the
+    arc)."""
+    if not len(points):
+        return 0.0
+    width = grey.shape[1]
+    x = np.clip(np.rint(points[:, 0]).astype(np.intp), 0, width - 1)
+    columns, at = np.unique(x, return_inverse=True)
+    first = np.argmax(grey[:, columns] > _BLACK, axis=0)
+    return float(np.mean(points[:, 1] - first[at] <= depth_px))
