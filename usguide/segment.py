@@ -184,9 +184,8 @@ def normalisation_problem(
 
 def _histogram_match_problem(normalisation: dict[str, Any], reference_required: bool) -> str | None:
     strength = normalisation.get("histogram_match", 0.0)
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-        return "histogram_match must be a number from 0 to 1"
-    if not 0.0 <= strength <= 1.0:
+    number = isinstance(strength, (int, float)) and not isinstance(strength, bool)
+    if not (number and 0.0 <= strength <= 1.0):
         return "histogram_match must be a number from 0 to 1"
     reference = normalisation.get("histogram_reference")
     if reference is None and (not strength or not reference_required):
