@@ -26,7 +26,6 @@ The validation split is never used here: ``benchmarks/needle_tracking.py`` measu
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -103,7 +102,7 @@ def main() -> None:
     if not args.sector_weight > 0:
         parser.error(f"--sector-weight must be positive, got {args.sector_weight}")
     segmenter = Segmenter(args.model)
-    detector = NeedleDetector(replace(NeedleConfig()))
+    detector = NeedleDetector(NeedleConfig())
     mm = DEFAULT_SPACING_MM
     rows, tip_labels, shaft_labels, convex = [], [], [], []
     for sector in (False, True) if args.with_sector else (False,):
