@@ -55,6 +55,8 @@ def load(tmp_path: Path, text: str) -> TrainConfig:
         ("threads = 0", "threads: expected a value >= 1"),
         ("max_samples = 0", "max_samples: expected a value >= 1"),
         ("lr = 0", "lr: expected a value > 0"),
+        ("weight_average_decay = 1", "weight_average_decay: expected a value in .0, 1.,"),
+        ("weight_average_decay = 0", "weight_average_decay: expected a value in .0, 1.,"),
         ("weight_decay = -1e-4", "weight_decay: expected a value >= 0"),
         ("seed = -1", "seed: expected a value in .0, 4294967295."),
         ("input_size = [0, 256]", "input_size: expected each value >= 16, got .0, 256."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,13 @@ torch = pytest.importorskip("torch")
 
 from usguide.segment import Segmenter, histogram_reference, normalise  # noqa: E402
 from usguide.training.loss import marginal_cross_entropy, soft_dice_loss  # noqa: E402
-from usguide.training.train import Batches, TrainConfig, load_samples, train  # noqa: E402
+from usguide.training.train import (  # noqa: E402
+    Batches,
+    TrainConfig,
+    load_samples,
+    train,
+    update_average,
+)
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "usgra-seg"
 
@@ -96,6 +103,35 @@ def test_histogram_matching_leaves_the_training_input_as_it_was(
     normalise(samples[0].image, plain.normalisation, x)
     normalise(samples[0].image, matched.normalisation, y)
     assert not np.allclose(x, y, atol=0.05)  # at run time the setting does change the input
+
+
+def test_the_weight_average_follows_the_weights_and_forgets_the_start() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    averaged = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    for p in (*averaged.parameters(), *averaged.buffers()):
+        p.data.zero_()
+    for p in model.parameters():
+        p.data.fill_(1.0)
+    model[1].running_mean.fill_(1.0)
+    model[1].num_batches_tracked.fill_(7)
+    update_average(averaged, model, decay=0.99, step=1000)
+    # Late in the run each step moves the average 1 % of the way to the weights.
+    assert torch.allclose(averaged[0].weight, torch.full_like(averaged[0].weight, 0.01))
+    assert torch.allclose(averaged[1].running_mean, torch.full((2,), 0.01))
+    assert int(averaged[1].num_batches_tracked) == 7  # counts are copied, not averaged
+    update_average(averaged, model, decay=0.99, step=0)
+    # The first step keeps only a tenth of the (random) starting weights.
+    assert torch.allclose(averaged[0].bias, torch.full_like(averaged[0].bias, 0.901), atol=1e-6)
+
+
+def test_a_weight_averaged_run_keeps_the_average_and_records_both(
+    tmp_path: Path, mirror: Path
+) -> None:
+    config = tiny(tmp_path, mirror, epochs=2, weight_average_decay=0.9)
+    seg = Segmenter(train(config, log=lambda _: None))
+    history = json.loads((tmp_path / "model" / "training_history.json").read_text())
+    assert all("val_as_trained" in epoch for epoch in history)
+    assert seg(np.zeros((80, 90), np.uint8)).shape == (80, 90)
 
 
 def test_a_training_split_smaller_than_a_batch_is_refused_before_training(

@@ -71,6 +71,8 @@ BOUNDS: dict[str, Bounds] = {
     "depth": NON_NEGATIVE,
     "threads": AT_LEAST_ONE,
     "max_samples": AT_LEAST_ONE,
+    # 0 would average nothing (the weights as trained); 1 would keep the starting weights.
+    "weight_average_decay": Bounds(0, 1, low_open=True, high_open=True),
 }
 # (low, high) settings: drawn uniformly between the two.
 ORDERED = ("needle_angle_range_deg", "needle_brightness_range")
@@ -115,6 +117,9 @@ class TrainConfig:
     # Vary the scanner's look as sites differ: grey map (dynamic range) and edge enhancement
     # (usguide.data.augment.GreyMap, EdgeEnhance).
     scanner_looks: bool = False
+    # Validate, keep and export an exponential moving average of the weights (decay per
+    # optimiser step) instead of the weights as trained; unset: the weights as trained.
+    weight_average_decay: float | None = None
     val_fraction: float = 0.2
     datasets: tuple[str, ...] = ("usgra-seg", "dltrack-apo")
     channels: tuple[int, int, int, int] = (16, 32, 64, 128)

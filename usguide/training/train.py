@@ -7,6 +7,7 @@ or on a GPU when torch sees one; the exported model runs on the CPU either way.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -231,6 +232,23 @@ def score(model: torch.nn.Module, val: list[Prepared], config: TrainConfig) -> d
     return table.summary()
 
 
+@torch.no_grad()
+def update_average(
+    averaged: torch.nn.Module, model: torch.nn.Module, decay: float, step: int
+) -> None:
+    """Move ``averaged`` towards ``model``'s weights and normalisation statistics.
+
+    The decay is ramped from 0.1 (``(1 + step) / (10 + step)``) so the first steps' random
+    weights are soon forgotten; integer buffers (batch counts) are copied.
+    """
+    d = min(decay, (1 + step) / (10 + step))
+    for a, m in zip(averaged.state_dict().values(), model.state_dict().values(), strict=True):
+        if a.dtype.is_floating_point:
+            a.mul_(d).add_(m.detach(), alpha=1 - d)
+        else:
+            a.copy_(m)
+
+
 def mean_dice(summary: dict[str, Any]) -> float:
     values = [v["dice"] for v in summary.values() if v["dice"] is not None]
     return float(np.mean(values)) if values else 0.0
@@ -272,6 +290,8 @@ def train(config: TrainConfig, log: Log = print) -> Path:
         optimiser, max_lr=config.lr, total_steps=steps, pct_start=0.1
     )
     rng = np.random.default_rng(config.seed)
+    averaged = None if config.weight_average_decay is None else copy.deepcopy(model)
+    kept = model if averaged is None else averaged  # validated, kept and exported
     best, best_state, history = -1.0, None, []
     step = 0
     for epoch in range(config.epochs):
@@ -287,8 +307,11 @@ def train(config: TrainConfig, log: Log = print) -> Path:
             if step < steps:
                 schedule.step()
             step += 1
+            if averaged is not None:
+                assert config.weight_average_decay is not None
+                update_average(averaged, model, config.weight_average_decay, step)
             losses.append(loss.item())
-        summary = score(model, val_full, config)
+        summary = score(kept, val_full, config)
         m = mean_dice(summary)
         history.append(
             {
@@ -298,14 +321,19 @@ def train(config: TrainConfig, log: Log = print) -> Path:
                 "val": summary,
             }
         )
+        if averaged is not None:
+            # The weights as trained, to show what the average gives.
+            history[-1]["val_as_trained"] = score(model, val_full, config)
         per_class = " ".join(f"{k}={v['dice']:.3f}" for k, v in summary.items() if v["dice"])
+        as_trained = history[-1].get("val_as_trained")
+        also = "" if as_trained is None else f" (as trained {mean_dice(as_trained):.3f})"
         log(
             f"epoch {epoch + 1}/{config.epochs} loss {history[-1]['loss']:.4f} "
-            f"val {per_class} mean {m:.3f} ({time.perf_counter() - t0:.0f} s)"
+            f"val {per_class} mean {m:.3f}{also} ({time.perf_counter() - t0:.0f} s)"
         )
         if m > best:
             best = m
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
     assert best_state is not None
     model.load_state_dict(best_state)
     out = Path(config.out)
