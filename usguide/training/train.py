@@ -238,8 +238,9 @@ def update_average(
 ) -> None:
     """Move ``averaged`` towards ``model``'s weights and normalisation statistics.
 
-    The decay is ramped from 0.1 (``(1 + step) / (10 + step)``) so the first steps' random
-    weights are soon forgotten; integer buffers (batch counts) are copied.
+    ``step`` counts the optimiser steps taken. The decay is ramped up to ``decay`` as
+    ``(1 + step) / (10 + step)`` so the first steps' random weights are soon forgotten; integer
+    buffers (batch counts) are copied.
     """
     d = min(decay, (1 + step) / (10 + step))
     for a, m in zip(averaged.state_dict().values(), model.state_dict().values(), strict=True):
@@ -290,7 +291,8 @@ def train(config: TrainConfig, log: Log = print) -> Path:
         optimiser, max_lr=config.lr, total_steps=steps, pct_start=0.1
     )
     rng = np.random.default_rng(config.seed)
-    averaged = None if config.weight_average_decay is None else copy.deepcopy(model)
+    decay = config.weight_average_decay
+    averaged = None if decay is None else copy.deepcopy(model)
     kept = model if averaged is None else averaged  # validated, kept and exported
     best, best_state, history = -1.0, None, []
     step = 0
@@ -307,9 +309,8 @@ def train(config: TrainConfig, log: Log = print) -> Path:
             if step < steps:
                 schedule.step()
             step += 1
-            if averaged is not None:
-                assert config.weight_average_decay is not None
-                update_average(averaged, model, config.weight_average_decay, step)
+            if averaged is not None and decay is not None:
+                update_average(averaged, model, decay, step)
             losses.append(loss.item())
         summary = score(kept, val_full, config)
         m = mean_dice(summary)
