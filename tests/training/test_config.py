@@ -68,6 +68,7 @@ def load(tmp_path: Path, text: str) -> TrainConfig:
         ("datasets = []", "datasets: expected at least one data set"),
         ('name = ""', "name: expected a non-empty string"),
         ('datasets = ["usgra-seg", ""]', "datasets: expected a non-empty string"),
+        ('init_weights = "no/such/weights.pt"', "init_weights: no/such/weights.pt: no such file"),
     ],
 )
 def test_a_setting_of_the_wrong_type_or_out_of_range_is_refused_naming_the_key(

@@ -12,12 +12,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from usguide.segment import Segmenter, histogram_reference, normalise  # noqa: E402
+from usguide.segment import Segmenter, histogram_reference, normalise, open_model  # noqa: E402
 from usguide.training.loss import marginal_cross_entropy, soft_dice_loss  # noqa: E402
+from usguide.training.model import SegNet  # noqa: E402
 from usguide.training.train import (  # noqa: E402
     Batches,
     TrainConfig,
     load_samples,
+    load_weights,
+    save_weights,
     train,
     update_average,
 )
@@ -132,6 +135,65 @@ def test_a_weight_averaged_run_keeps_the_average_and_records_both(
     history = json.loads((tmp_path / "model" / "training_history.json").read_text())
     assert all("val_as_trained" in epoch for epoch in history)
     assert seg(np.zeros((80, 90), np.uint8)).shape == (80, 90)
+
+
+def test_a_run_saves_the_weights_it_exports_and_a_later_run_starts_from_them(
+    tmp_path: Path, mirror: Path
+) -> None:
+    first = tiny(tmp_path / "first", mirror, epochs=3)
+    exported = train(first, log=lambda _: None)
+    weights = Path(first.out) / "weights.pt"
+    net = SegNet(5, first.channels, first.depth)
+    load_weights(net, first, weights)
+    net.eval()
+    x = np.random.default_rng(0).normal(size=(1, 1, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        from_weights = net(torch.from_numpy(x)).numpy()
+    _, runner = open_model(exported, engine="onnxruntime")
+    assert np.allclose(from_weights, runner.run(x)[0], atol=1e-4)  # the weights are the model's
+
+    said: list[str] = []
+    resumed = tiny(tmp_path / "resumed", mirror, init_weights=str(weights))
+    train(resumed, log=said.append)
+    assert any("starting from the weights of usguide-seg" in line for line in said)
+    fresh = tiny(tmp_path / "fresh", mirror)
+    train(fresh, log=lambda _: None)
+    losses = [
+        json.loads((Path(c.out) / "training_history.json").read_text())[0]["loss"]
+        for c in (resumed, fresh)
+    ]
+    # The same data and batches: a start from trained weights fits them better.
+    assert losses[0] < losses[1]
+
+
+def test_the_shipped_weights_are_the_shipped_model() -> None:
+    """models/usguide-seg/weights.pt, which fine-tuning starts from, is model_fp32.onnx."""
+    folder = Path(__file__).resolve().parents[2] / "models" / "usguide-seg"
+    config = TrainConfig.from_toml(folder / "train.toml")
+    net = SegNet(5, config.channels, config.depth)
+    assert load_weights(net, config, folder / "weights.pt") == f"usguide-seg {config.version}"
+    net.eval()
+    x = np.random.default_rng(1).normal(size=(1, 1, *config.input_size)).astype(np.float32)
+    with torch.no_grad():
+        from_weights = net(torch.from_numpy(x)).numpy()
+    _, runner = open_model(folder / "model_fp32.onnx", engine="onnxruntime")
+    assert np.allclose(from_weights, runner.run(x)[0], atol=1e-3)
+
+
+def test_weights_for_another_network_or_not_weights_are_refused(tmp_path: Path) -> None:
+    config = TrainConfig(channels=(8, 16, 32, 64), depth=(1, 1, 1, 1))
+    path = tmp_path / "weights.pt"
+    save_weights(SegNet(5, config.channels, config.depth), config, path)
+    other = TrainConfig(channels=(8, 16, 32, 48), depth=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"weights.pt: saved for channels = \[8, 16, 32, 64\]"):
+        load_weights(SegNet(5, other.channels, other.depth), other, path)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt: not a weights file"):
+        load_weights(SegNet(5, config.channels, config.depth), config, junk)
+    torch.save({"state_dict": {}}, junk)
+    with pytest.raises(ValueError, match="junk.pt: not a usguide weights file"):
+        load_weights(SegNet(5, config.channels, config.depth), config, junk)
 
 
 def test_a_training_split_smaller_than_a_batch_is_refused_before_training(

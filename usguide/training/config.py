@@ -13,6 +13,7 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from usguide.data.needle_render import NEEDLE_BRIGHTNESS
@@ -120,6 +121,9 @@ class TrainConfig:
     # Validate, keep and export an exponential moving average of the weights (decay per
     # optimiser step) instead of the weights as trained; unset: the weights as trained.
     weight_average_decay: float | None = None
+    # Start from the weights a run saved (its weights.pt, as models/usguide-seg/ ships) instead of
+    # random ones: fine-tuning, on other data or with other settings (usually a lower lr).
+    init_weights: str | None = None
     val_fraction: float = 0.2
     datasets: tuple[str, ...] = ("usgra-seg", "dltrack-apo")
     channels: tuple[int, int, int, int] = (16, 32, 64, 128)
@@ -161,6 +165,8 @@ class TrainConfig:
         if not self.datasets:
             raise ValueError("datasets: expected at least one data set, got []")
         _check_normalisation(self.normalisation)
+        if self.init_weights is not None and not Path(self.init_weights).is_file():
+            raise ValueError(f"init_weights: {self.init_weights}: no such file")
         # Only the varied look draws a brightness: the range would be silently ignored.
         if not self.needle_varied_look and self.needle_brightness_range != NEEDLE_BRIGHTNESS:
             raise ValueError(

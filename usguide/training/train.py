@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import pickle
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -250,6 +251,62 @@ def update_average(
             a.copy_(m)
 
 
+WEIGHTS_FILE = "weights.pt"
+WEIGHTS_FORMAT = "usguide-segnet-weights/1"
+
+
+def save_weights(model: torch.nn.Module, config: TrainConfig, path: Path) -> None:
+    """The network's weights with what they fit (classes, channels, depth, input size), for a
+    later run to start from (``init_weights``)."""
+    torch.save(
+        {
+            "format": WEIGHTS_FORMAT,
+            "name": config.name,
+            "version": config.version,
+            "class_names": list(CLASS_NAMES),
+            "channels": list(config.channels),
+            "depth": list(config.depth),
+            "input_size": list(config.input_size),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        },
+        path,
+    )
+
+
+def load_weights(model: torch.nn.Module, config: TrainConfig, path: str | Path) -> str:
+    """Load weights saved by :func:`save_weights` into ``model`` (built from ``config``).
+
+    Returns the name and version they came from. ValueError naming the file when it is not such
+    a file or was saved for another network (classes, channels, depth).
+    """
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"init_weights: {path}: no such file") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError):
+        # torch's message suggests loading with weights_only=False: never, for a file not ours.
+        raise ValueError(
+            f"init_weights: {path}: not a weights file (it does not read as saved tensors)"
+        ) from None
+    if not isinstance(saved, dict) or saved.get("format") != WEIGHTS_FORMAT:
+        raise ValueError(
+            f"init_weights: {path}: not a usguide weights file (expected {WEIGHTS_FORMAT}, "
+            "as a training run writes beside its model.onnx)"
+        )
+    want = {
+        "class_names": list(CLASS_NAMES),
+        "channels": list(config.channels),
+        "depth": list(config.depth),
+    }
+    for key, value in want.items():
+        if saved.get(key) != value:
+            raise ValueError(
+                f"init_weights: {path}: saved for {key} = {saved.get(key)}, this run has {value}"
+            )
+    model.load_state_dict(saved["state_dict"])
+    return f"{saved.get('name')} {saved.get('version')}"
+
+
 def mean_dice(summary: dict[str, Any]) -> float:
     values = [v["dice"] for v in summary.values() if v["dice"] is not None]
     return float(np.mean(values)) if values else 0.0
@@ -282,6 +339,10 @@ def train(config: TrainConfig, log: Log = print) -> Path:
         config.normalisation = {**config.normalisation, "histogram_reference": reference}
     val_full = validation_set(val_set, config.validation_seed, config.input_size)
     model = SegNet(len(CLASS_NAMES), config.channels, config.depth)
+    if config.init_weights is not None:
+        # After the random initialisation: the data and batches follow the seed as without it.
+        source = load_weights(model, config, config.init_weights)
+        log(f"starting from the weights of {source} ({config.init_weights})")
     optimiser = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -344,6 +405,7 @@ def train(config: TrainConfig, log: Log = print) -> Path:
         model, out / "model_fp32.onnx", input_size=config.input_size, metadata=metadata
     )
     (out / "training_history.json").write_text(json.dumps(history, indent=1))
+    save_weights(model, config, out / WEIGHTS_FILE)
     shipped = out / "model.onnx"
     if config.quantize:
         calib = [_model_input(s.image, config) for s in train_set[:: max(1, len(train_set) // 64)]]
