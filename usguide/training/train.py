@@ -1,8 +1,10 @@
 """Train the segmentation model on the real scans, with needles rendered onto them.
 
 Reproducible from a seed: data split, augmentation, needle renders, initial weights and batch order
-all draw from generators seeded by the config. Runs on the CPU (two cores: about 20 s an epoch)
-or on a GPU when torch sees one; the exported model runs on the CPU either way.
+all draw from generators seeded by the config (the initial weights come from a file instead with
+``init_weights``). Runs on the CPU (two cores: about 25 s an epoch) or on a GPU when torch sees
+one; the exported model runs on the CPU either way. Each run writes ``weights.pt`` beside the
+model for a later run to start from.
 """
 
 from __future__ import annotations
