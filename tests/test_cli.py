@@ -32,6 +32,14 @@ def test_version() -> None:
     assert __version__ in result.stdout
 
 
+def test_help_keeps_toml_table_names() -> None:
+    """Option help shows TOML tables as written: ``[guidance]`` is not taken for markup."""
+    result = runner.invoke(app, ["run", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "[guidance]" in result.stdout
+    assert "[[targets]]" in result.stdout
+
+
 def test_info_json_contract_on_sonosite_cine(dicom_dir: Path) -> None:
     result = runner.invoke(app, ["info", str(dicom_dir / "color3d_jpeg_baseline.dcm"), "--json"])
     assert result.exit_code == 0, result.output

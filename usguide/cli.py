@@ -27,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # reflow docstring paragraphs to the terminal's width
 )
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -303,8 +304,9 @@ def segment(
     region: RegionOption = None,
     detect: DetectOption = True,
 ) -> None:
-    """Label every frame: one 8-bit PNG per frame with class indices 0 background, 1 nerve,
-    2 vessel, 3 fascia, 4 needle, at the frame's size."""
+    """Label every frame: one 8-bit label PNG per frame, at the frame's size.
+
+    Class indices: 0 background, 1 nerve, 2 vessel, 3 fascia, 4 needle."""
     from pathlib import Path
 
     import cv2
@@ -475,9 +477,11 @@ def track(
     region: RegionOption = None,
     detect: DetectOption = True,
 ) -> None:
-    """Find and track the needle tip: one CSV row per frame with the columns frame, visible,
-    tip_x, tip_y (frame pixels), tip_x_mm, tip_y_mm (mm from the imaging region's top-left
-    corner; empty when uncalibrated), angle_deg (shaft to probe surface) and confidence."""
+    """Find and track the needle tip: one CSV row per frame.
+
+    Columns: frame, visible, tip_x, tip_y (frame pixels), tip_x_mm, tip_y_mm (mm from the
+    imaging region's top-left corner; empty when uncalibrated), angle_deg (shaft to probe
+    surface) and confidence."""
     import csv
     import os
     from dataclasses import replace
@@ -730,10 +734,11 @@ def demo(
     engine: EngineOption = "auto",
     window: WindowFlag = False,
 ) -> None:
-    """Run the whole pipeline on the bundled demo scan: a nerve-block cine built from one real
-    frame (USGRA-Seg, CC BY 4.0) with simulated probe motion, a needle advancing to the nerve
-    and an injection. Writes overlay.mp4 and results.jsonl into the --out folder, with
-    ABOUT.txt (the source's attribution and the assumed spacing)."""
+    """Run the whole pipeline on the bundled demo scan; write overlay.mp4 and results.jsonl.
+
+    The scan is a nerve-block cine built from one real frame (USGRA-Seg, CC BY 4.0) with
+    simulated probe motion, a needle advancing to the nerve and an injection. The --out folder
+    also gets ABOUT.txt (the source's attribution and the assumed spacing)."""
     from pathlib import Path
 
     from usguide.demo import DEMO_ABOUT, DEMO_SPACING_MM, DemoScan
