@@ -177,7 +177,8 @@ class NeedleConfig:
         -16.459, 7.580, 0.881, 2.255, 0.685, 7.186, -7.149, -3.366, 0.0,
     )  # fmt: skip
     # The same fit for "this line is the needle's shaft", tip in plane or not, on linear and
-    # convex views (``--with-sector``, a convex detection weighing 0.25), for model 1.5.0.
+    # convex views (``--with-sector``, a convex detection weighing 0.25), for model 1.5.0
+    # (kept for 1.6.0: with them it finds as many needles and reports fewer false ones).
     shaft_confidence_weights: tuple[float, ...] = (
         -9.784, 4.688, 3.716, 2.248, -0.614, 3.669, -5.041, -3.494, -2.541,
     )  # fmt: skip
