@@ -424,6 +424,52 @@ def test_a_dimming_shaft_stays_reported_on_its_line_for_a_moment():
     assert not fresh.update(shaft(0.45), frame_of(blank, 0, box)).shaft_visible
 
 
+def test_a_shaft_the_model_stops_marking_is_followed_on_its_line_but_not_its_tip(scan):
+    # The model marks the needle, then nothing while the needle advances (a shallow shaft among
+    # bright fascicles): the stage measures the image along the reported shaft's line, and still
+    # reports the needle, never its tip; once the needle is gone it reports nothing.
+    image, box = scan
+    stage = NeedleStage()
+    states = []
+    for i in range(16):
+        if i < 12:
+            drawn, labels, _ = needle_with_labels(image, box, 25.0, 0.2, 140.0 + 4.0 * i, seed=i)
+            pixels = drawn.image
+            if i >= 4:
+                labels[:] = 0  # the model sees no needle
+        else:
+            pixels, labels = image, np.zeros(image.shape, np.uint8)
+        states.append(stage(frame_of(pixels, i, box), labels))
+    assert all(s.visible for s in states[1:4])  # tracked while the model marks it
+    assert all(s.shaft_visible for s in states[4:12])
+    # The tip coasts for hold_s (0.1 s, two frames), then is no longer shown.
+    assert not any(s.visible for s in states[6:12])
+    assert not any(s.shaft_visible or s.visible for s in states[13:])
+
+
+def test_a_followed_shaft_counts_only_on_the_line_of_a_recent_one():
+    config = NeedleConfig(confirm_frames=5, shaft_hold_s=0.25)
+    box = (0, 0, 639, 479)
+    blank = np.zeros((480, 640), np.uint8)
+    reported = detection(100.0, 100.0, shaft_confidence=0.9, angle=30.0)
+    weak = replace(reported, confidence=0.0, shaft_confidence=0.01)
+
+    tracker = NeedleTracker(config)
+    assert not tracker.update(None, frame_of(blank, 0, box), followed=weak).shaft_visible
+    assert tracker.update(reported, frame_of(blank, 1, box)).shaft_visible
+    assert tracker.shaft_to_follow() == reported
+    assert tracker.update(None, frame_of(blank, 2, box), followed=weak).shaft_visible
+    turned = replace(weak, angle_deg=40.0)
+    assert not tracker.update(None, frame_of(blank, 3, box), followed=turned).shaft_visible
+    away = replace(weak, tip_xy=(160.0, 100.0))  # 6 mm from the last end
+    assert not tracker.update(None, frame_of(blank, 4, box), followed=away).shaft_visible
+    assert tracker.shaft_to_follow() is not None  # reported at frame 2, 0.1 s ago
+    # 0.3 s after the shaft was last reported: nothing to follow any more.
+    tracker.update(None, frame_of(blank, 8, box))
+    assert tracker.shaft_to_follow() is None
+    assert not tracker.update(None, frame_of(blank, 9, box), followed=weak).shaft_visible
+
+
 def test_model_pixels_far_along_the_shaft_line_do_not_carry_the_tip_there(scan):
     # A fleck the model marks as needle far beyond the tip, on the shaft's line, over a bright
     # band longer than the shaft: one line through both, and the tip went to the band's end.

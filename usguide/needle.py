@@ -31,6 +31,12 @@ near the tip), is rejected rather than followed (no jump); a new track must be s
 on ``confirm_frames`` consecutive frames; after ``hold_s`` without a detection the tip is reported
 not visible instead of a stale position.
 
+Where the model stops marking a shaft it has just marked (a shallow needle among bright
+fascicles, a steep one that dims), :class:`NeedleStage` measures the image along the line of the
+shaft last reported (:meth:`NeedleDetector.follow`). A shaft found there on the same line, its end
+within ``gate_mm`` of the last one, is still reported as a needle, but its tip is not: the tip
+rests on the model's evidence.
+
 Millimetres are reported only when the frame is calibrated. Physical thresholds (shortest shaft,
 bevel length) use the frame's spacing, or ``NeedleConfig.nominal_spacing_mm`` when it is unknown;
 that guess is never reported as a measurement.
@@ -38,6 +44,7 @@ that guess is never reported as a measurement.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
@@ -120,8 +127,10 @@ class NeedleConfig:
     shaft_hold_s : float
         How long a shaft reported as a needle vouches for a weaker detection on the same line
         (its tip within ``gate_mm``, its angle within 5 degrees, the same side) whose shaft
-        confidence is at least ``shaft_keep_fraction`` of ``min_confidence``: hysteresis, so a
-        shaft that dims for a moment is still reported.
+        confidence is at least ``shaft_keep_fraction`` of ``min_confidence``, or for the shaft
+        the image shows along that line where the model marks none (see
+        :meth:`NeedleDetector.follow`): hysteresis, so a shaft that dims, or that the model
+        stops marking, is still reported while it stays on its line.
     shaft_keep_fraction : float
         See ``shaft_hold_s``.
     confirm_frames : int
@@ -282,8 +291,9 @@ class NeedleState:
     side : "left", "right" or None
     shaft_visible : bool
         A needle is seen in this frame: a shaft detected with a ``shaft_confidence`` of at least
-        ``min_confidence``, whether or not its tip is in plane, or a tip being tracked. The
-        needle-present answer.
+        ``min_confidence``, whether or not its tip is in plane, a shaft on the line of one
+        reported within ``shaft_hold_s`` (see ``NeedleConfig.shaft_hold_s``), or a tip being
+        tracked. The needle-present answer.
     confidence : float
         0 to 1; decays while coasting.
     status : str
@@ -319,6 +329,12 @@ def _frame_spacing(frame: Frame) -> tuple[float, float] | None:
     return (float(spacing[0]), float(spacing[1])) if spacing else None
 
 
+def _mm_per_px(frame: Frame, config: NeedleConfig) -> float:
+    """The frame's mean pixel spacing, or the config's nominal one when it is not calibrated."""
+    spacing = _frame_spacing(frame)
+    return math.sqrt(spacing[0] * spacing[1]) if spacing else config.nominal_spacing_mm
+
+
 def _box_range(c: np.ndarray, d: np.ndarray, width: int, height: int) -> tuple[float, float] | None:
     """Parameters (s_lo, s_hi) where the line c + s d lies inside [-0.5, W-0.5] x [-0.5, H-0.5]."""
     lo, hi = -math.inf, math.inf
@@ -348,37 +364,30 @@ class NeedleDetector:
         """Restart the RANSAC sampling sequence (a new source)."""
         self._rng = np.random.default_rng(self.config.seed)
 
-    def __call__(self, frame: Frame, labels: np.ndarray | None = None) -> NeedleDetection | None:
+    def __call__(
+        self, frame: Frame, labels: np.ndarray | None = None, *, ridges: bool = True
+    ) -> NeedleDetection | None:
+        """The needle in ``frame``. With ``ridges`` False, the image's ridges are not searched
+        when the model marks too few needle pixels (the stage follows a known shaft instead)."""
         cfg = self.config
         grey = _grey_region(frame)
         height, width = grey.shape
         if height < 16 or width < 16:
             return None
-        spacing = _frame_spacing(frame)
-        mm_per_px = math.sqrt(spacing[0] * spacing[1]) if spacing else cfg.nominal_spacing_mm
+        mm_per_px = _mm_per_px(frame, cfg)
         # Work at ~0.2 mm per pixel for the search: a needle is >= 0.5 mm thick (a strip too
         # thin for that at a fine spacing is searched at less).
         f = max(1, min(round(0.2 / mm_per_px), min(height, width) // 16))
-        small = (
-            cv2.resize(grey, (width // f, height // f), interpolation=cv2.INTER_AREA)
-            if f > 1
-            else grey
-        )
-        # Keep bright structures thinner than ~2 mm (needle shafts), drop thick bands.
-        k = max(5, round(2.0 / (mm_per_px * f)) | 1)
-        kernel = self._kernels.get(k)
-        if kernel is None:
-            kernel = self._kernels[k] = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
-        ridge = cv2.morphologyEx(small, cv2.MORPH_TOPHAT, kernel)
-
-        model_points, ridge_points, ridge_weights = self._candidates(frame, labels, ridge, f)
+        model_points = self._model_points(frame, labels, (height // f, width // f), f)
         # The model's needle pixels define the shaft when it sees enough of them; the image's
         # ridges alone are a weaker fallback (confidence then rests on length and contrast).
         from_model = len(model_points) >= 8
         if from_model:
             points, weights = model_points, np.ones(len(model_points), np.float32)
+        elif ridges:
+            points, weights = self._ridge_points(grey, f, mm_per_px)
         else:
-            points, weights = ridge_points, ridge_weights
+            return None
         if len(points) < 2:
             return None
         model_mask = None
@@ -424,28 +433,76 @@ class NeedleDetector:
                 break
         return best
 
-    def _candidates(
-        self, frame: Frame, labels: np.ndarray | None, ridge: np.ndarray, f: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Model needle points, ridge points and ridge weights, (x, y) in small-image pixels."""
-        cfg = self.config
-        h, w = ridge.shape
-        model = np.empty((0, 2), np.float32)
-        if labels is not None:
-            x0, y0 = frame.region.bbox[:2]
-            # Each small pixel's label is the label at its centre in the full frame.
-            sub = labels[y0 + f // 2 : y0 + h * f : f, x0 + f // 2 : x0 + w * f : f]
-            is_needle = cv2.compare(np.ascontiguousarray(sub), NEEDLE, cv2.CMP_EQ)
-            model = self._at_most(_nonzero_xy(is_needle), 600).astype(np.float32)
+    def follow(
+        self, frame: Frame, shaft: NeedleDetection, labels: np.ndarray | None = None
+    ) -> NeedleDetection | None:
+        """The image's shaft along the line of ``shaft`` (a detection in an earlier frame): for a
+        needle the model has stopped marking.
+
+        The axis is re-centred on the image's shaft and its end found as in a detection. The
+        result's tip ``confidence`` is 0: where the model sees no needle, the end of a line is
+        not known to be a tip.
+        """
+        grey = _grey_region(frame)
+        height, width = grey.shape
+        if height < 16 or width < 16:
+            return None
+        mm_per_px = _mm_per_px(frame, self.config)
+        x0, y0, x1, y1 = frame.region.bbox
+        entry = np.array(shaft.entry_xy) - (x0, y0)
+        direction = np.array(shaft.tip_xy) - shaft.entry_xy
+        length = math.hypot(direction[0], direction[1])
+        if length < 1.0:
+            return None
+        direction /= length
+        if direction[1] < 0:
+            direction = -direction
+        model_mask = labels[y0 : y1 + 1, x0 : x1 + 1] if labels is not None else None
+        found = self._measure(
+            grey, model_mask, entry, direction, (0.0, length), False, mm_per_px, frame
+        )
+        return None if found is None else dataclasses.replace(found, confidence=0.0)
+
+    def _model_points(
+        self, frame: Frame, labels: np.ndarray | None, shape: tuple[int, int], f: int
+    ) -> np.ndarray:
+        """The model's needle pixels, (x, y) in pixels of the region shrunk ``f`` times to
+        ``shape``."""
+        if labels is None:
+            return np.empty((0, 2), np.float32)
+        h, w = shape
+        x0, y0 = frame.region.bbox[:2]
+        # Each small pixel's label is the label at its centre in the full frame.
+        sub = labels[y0 + f // 2 : y0 + h * f : f, x0 + f // 2 : x0 + w * f : f]
+        is_needle = cv2.compare(np.ascontiguousarray(sub), NEEDLE, cv2.CMP_EQ)
+        return self._at_most(_nonzero_xy(is_needle), 600).astype(np.float32)
+
+    def _ridge_points(
+        self, grey: np.ndarray, f: int, mm_per_px: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The image's brightest thin ridges, (x, y) in pixels of the region shrunk ``f`` times,
+        and their weights."""
+        height, width = grey.shape
+        small = (
+            cv2.resize(grey, (width // f, height // f), interpolation=cv2.INTER_AREA)
+            if f > 1
+            else grey
+        )
+        # Keep bright structures thinner than ~2 mm (needle shafts), drop thick bands.
+        k = max(5, round(2.0 / (mm_per_px * f)) | 1)
+        kernel = self._kernels.get(k)
+        if kernel is None:
+            kernel = self._kernels[k] = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+        ridge = cv2.morphologyEx(small, cv2.MORPH_TOPHAT, kernel)
         hist = cv2.calcHist([ridge], [0], None, [256], [0, 256]).ravel()
         # The brightest 0.5 % of ridges, and never below the least contrast of a shaft.
         above = np.cumsum(hist[::-1])
         top = 255 - int(np.searchsorted(above, 0.005 * ridge.size))
-        least = max(int(cfg.min_contrast), top)
+        least = max(int(self.config.min_contrast), top)
         bright = cv2.threshold(ridge, least - 1, 255, cv2.THRESH_BINARY)[1]
         xy = self._at_most(_nonzero_xy(bright), 600)
         weights = ridge[xy[:, 1], xy[:, 0]].astype(np.float32) / 255.0
-        return model, xy.astype(np.float32), weights
+        return xy.astype(np.float32), weights
 
     def _at_most(self, points: np.ndarray, n: int) -> np.ndarray:
         """A random ``n`` of the points when there are more (RANSAC needs no more)."""
@@ -1149,7 +1206,16 @@ class NeedleTracker:
         """A confirmed track exists (visible or coasting)."""
         return self._state is not None
 
-    def update(self, detection: NeedleDetection | None, frame: Frame) -> NeedleState:
+    def update(
+        self,
+        detection: NeedleDetection | None,
+        frame: Frame,
+        followed: NeedleDetection | None = None,
+    ) -> NeedleState:
+        """The state at ``frame`` given its ``detection``. ``followed`` is the shaft measured along
+        the line of the last one reported (:meth:`NeedleDetector.follow`): when the detection
+        itself is no needle, it still reports the needle present if it lies on that line, seen
+        within ``shaft_hold_s``; it never moves the tip."""
         cfg = self.config
         t = frame.timestamp_s if frame.timestamp_s is not None else frame.index * cfg.frame_time_s
         if self._clock is not None and t <= self._clock:
@@ -1161,14 +1227,20 @@ class NeedleTracker:
                 t = self._clock + cfg.frame_time_s
         self._clock = t
         spacing = _frame_spacing(frame)
-        mm_per_px = math.sqrt(spacing[0] * spacing[1]) if spacing else cfg.nominal_spacing_mm
+        mm_per_px = _mm_per_px(frame, cfg)
         gate_px = cfg.gate_mm / mm_per_px
         shaft_visible = detection is not None and (
             detection.shaft_confidence >= cfg.min_confidence
-            or self._vouched_for(detection, t, gate_px)
+            or (
+                detection.shaft_confidence >= cfg.shaft_keep_fraction * cfg.min_confidence
+                and self._on_recent_shaft(detection, t, gate_px)
+            )
         )
         if shaft_visible:
             self._shaft_seen = (detection, t)
+        elif followed is not None and self._on_recent_shaft(followed, t, gate_px):
+            shaft_visible = True
+            self._shaft_seen = (followed, t)
         usable = detection if detection is not None and detection.tip_in_plane else None
         updated = False
         if self._state is not None:
@@ -1249,15 +1321,23 @@ class NeedleTracker:
             entry_xy=(float(entry[0]), float(entry[1])),
         )
 
-    def _vouched_for(self, detection: NeedleDetection, t: float, gate_px: float) -> bool:
-        """A weaker detection on the line of a shaft reported within ``shaft_hold_s``."""
+    def shaft_to_follow(self) -> NeedleDetection | None:
+        """The shaft last reported, while it can still vouch for the next frame's (seen within
+        ``shaft_hold_s`` of the latest frame); None otherwise."""
+        if self._shaft_seen is None or self._clock is None:
+            return None
+        seen, seen_at = self._shaft_seen
+        return seen if self._clock - seen_at < self.config.shaft_hold_s else None
+
+    def _on_recent_shaft(self, detection: NeedleDetection, t: float, gate_px: float) -> bool:
+        """``detection`` lies on the line of a shaft reported within ``shaft_hold_s``: the same
+        side, its angle within 5 degrees, its end within ``gate_px``."""
         cfg = self.config
         if self._shaft_seen is None:
             return False
         seen, seen_at = self._shaft_seen
         return (
             t - seen_at <= cfg.shaft_hold_s + 1e-9
-            and detection.shaft_confidence >= cfg.shaft_keep_fraction * cfg.min_confidence
             and detection.side == seen.side
             and abs(detection.angle_deg - seen.angle_deg) <= _SAME_LINE_DEG
             and math.hypot(
@@ -1335,8 +1415,17 @@ class NeedleStage:
         self.detection = None
 
     def __call__(self, frame: Frame, labels: np.ndarray | None) -> NeedleState:
-        self.detection = self.detector(frame, labels)
-        return self.tracker.update(self.detection, frame)
+        # A shaft reported a moment ago is followed along its line when the model loses it;
+        # the image's ridges at large are then not searched: only that line could vouch.
+        shaft = self.tracker.shaft_to_follow()
+        self.detection = self.detector(frame, labels, ridges=shaft is None)
+        followed = None
+        weak = self.detection is None or (
+            self.detection.shaft_confidence < self.config.min_confidence
+        )
+        if shaft is not None and weak:
+            followed = self.detector.follow(frame, shaft, labels)
+        return self.tracker.update(self.detection, frame, followed)
 
 
 def _surface_share(grey: np.ndarray, points: np.ndarray, depth_px: float) -> float:
