@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -343,3 +344,13 @@ def test_tiny_imaging_regions_give_no_error(size: tuple[int, int]) -> None:
     # The planner alone, on a label map that small, at a fine spacing too.
     assert plan_perineural_targets(labels[10 : 10 + h, 10 : 10 + w], (MM, MM)) == []
     assert plan_perineural_targets(np.full((9, 9), NERVE, np.uint8), (0.01, 0.01)) == []
+
+
+def test_the_overlay_says_whether_the_shaft_is_seen_when_the_tip_is_not() -> None:
+    from usguide.pipeline import needle_status_line
+
+    unseen = needle_at(None)
+    shaft_only = replace(unseen, shaft_visible=True)  # out of plane, or followed on its line
+    assert needle_status_line(unseen) == "needle: tip not visible"
+    assert needle_status_line(None) == "needle: tip not visible"
+    assert needle_status_line(shaft_only) == "needle: shaft seen, tip not visible"

@@ -107,6 +107,7 @@ def test_playback_log_and_video(tmp_path: Path, demo: DemoScan, pipeline: Pipeli
     for key in ("tip", "targets", "distances", "warnings", "stage_ms", "units", "spread"):
         assert key in records[0]
     assert records[-1]["tip"]["visible"] is True
+    assert records[-1]["tip"]["shaft_visible"] is True  # a tip seen is a needle seen
     assert set(STAGES) <= set(records[0]["stage_ms"])
     capture = cv2.VideoCapture(str(video))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 20

@@ -276,7 +276,7 @@ class Pipeline:
             if guidance.spread is not None and guidance.spread.detected:
                 injectate = self.guidance.spread.mask
         elif needle is not None and not needle.visible:
-            text = ["needle: tip not visible"]
+            text = [needle_status_line(needle)]
         return self.renderer.render(
             result.frame.pixels,
             result.labels,
@@ -292,12 +292,20 @@ class Pipeline:
         )
 
 
+def needle_status_line(needle: NeedleState | None) -> str:
+    """The overlay's line for a tip not seen: whether the needle's shaft is seen (the tip out of
+    plane, or not found on it) or no needle is."""
+    if needle is not None and needle.shaft_visible:
+        return "needle: shaft seen, tip not visible"
+    return "needle: tip not visible"
+
+
 def describe(guidance: GuidanceResult, needle: NeedleState | None) -> list[str]:
     """The overlay's text lines: distances in the result's units, time on target, spread."""
     u = guidance.units
     lines = []
     if needle is None or not needle.visible:
-        lines.append("needle: tip not visible")
+        lines.append(needle_status_line(needle))
     if guidance.tip_to_target is not None:
         lines.append(f"tip to target {guidance.tip_to_target:.1f} {u}")
     if guidance.tip_to_nerve is not None:

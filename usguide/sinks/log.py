@@ -19,7 +19,8 @@ def result_record(result: FrameResult) -> dict[str, Any]:
     """One frame's results as plain JSON values.
 
     Keys: ``frame``, ``timestamp_s``, ``spacing_mm`` (row, col or null), ``tip`` (visible, x, y,
-    x_mm, y_mm, angle_deg, inserted_length_mm, confidence, status), ``units``, ``targets``,
+    x_mm, y_mm, angle_deg, inserted_length_mm, confidence, status, shaft_visible: a needle is
+    seen, its tip or not), ``units``, ``targets``,
     ``active_target``, ``distances`` (tip_to_target, tip_to_nerve, tip_to_vessel in ``units``),
     ``path_crosses_vessel``, ``path_crosses_nerve``, ``time_on_target_s``, ``warnings`` (code,
     message), ``spread``, ``stage_ms`` and ``errors``. Nothing from a patient's header.
@@ -43,6 +44,7 @@ def result_record(result: FrameResult) -> dict[str, Any]:
             "inserted_length_mm": _r(n.inserted_length_mm),
             "confidence": _r(n.confidence),
             "status": n.status,
+            "shaft_visible": n.shaft_visible,
         }
     else:
         record["tip"] = None

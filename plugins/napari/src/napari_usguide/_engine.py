@@ -92,10 +92,12 @@ class Published:
     @property
     def lines(self) -> list[str]:
         """Distances and state as text (the overlay's lines)."""
-        from usguide.pipeline import describe
+        from usguide.pipeline import describe, needle_status_line
 
         if self.guidance is None:
-            return ["needle: tip not visible"] if self.needle and not self.needle.visible else []
+            if self.needle is not None and not self.needle.visible:
+                return [needle_status_line(self.needle)]
+            return []
         return describe(self.guidance, self.needle)
 
     @property
