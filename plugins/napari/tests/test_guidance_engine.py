@@ -115,6 +115,17 @@ def test_child_process_gives_what_this_process_gives(remote: GuidanceProcess) ->
         local.close()
 
 
+def test_the_engine_in_this_process_answers_every_call_of_the_child_s() -> None:
+    # The widget drives either (benchmarks/napari_display.py runs it on this process's engine):
+    # a property only the child's engine had ended napari with an AttributeError.
+    missing = {n for n in dir(GuidanceProcess) if not n.startswith("_")} - set(dir(GuidanceEngine))
+    assert not missing
+    local = GuidanceEngine.open("demo")
+    assert not local.closed
+    local.close()
+    assert local.closed
+
+
 def test_child_process_targets(remote: GuidanceProcess) -> None:
     target = remote.add_target((300.0, 200.0))
     assert remote.move_target(target, (310.0, 205.0)) == target

@@ -264,6 +264,12 @@ class GuidanceEngine(_Playback):
         # in software on the GUI thread, it measured no faster (within noise of reading ahead
         # alone), and it holds one more frame in flight.
         self._split = segment_ahead
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once closed (as :attr:`GuidanceProcess.closed`: the widget drives either)."""
+        return self._closed
 
     @classmethod
     def open(
@@ -399,6 +405,7 @@ class GuidanceEngine(_Playback):
             self.next_index = 0
 
     def close(self) -> None:
+        self._closed = True
         self._discard_pending()
         self._reader.shutdown(wait=True)
         self.source.close()
