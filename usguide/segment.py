@@ -416,7 +416,9 @@ class Segmenter:
         self._logits = np.zeros((n, rows, cols), np.float32)
         self._probs_stale = True
         self._have_previous = False
-        self._argmax = np.empty((rows, cols), np.int64)  # np.argmax writes int64 only
+        self._argmax = np.empty((rows, cols), np.uint8)
+        self._best = np.empty((rows, cols), np.float32)
+        self._higher = np.empty((rows, cols), bool)
         self._is_class = np.empty((rows, cols), np.uint8)
         self._others = np.empty((rows, cols), np.float32)
         self._margin = np.empty((rows, cols), np.float32)
@@ -499,7 +501,7 @@ class Segmenter:
         made: their margin is set negative, and since every neighbour of a region has a
         non-positive margin, no interpolated pixel of it survives.
         """
-        np.argmax(scores, axis=0, out=self._argmax)
+        self._argmax_into(scores)
         if self._margin_up.shape != out.shape:
             self._margin_up = np.empty(out.shape, np.float32)
             self._above = np.empty(out.shape, bool)
@@ -518,12 +520,26 @@ class Segmenter:
             np.greater(self._margin_up, 0.0, out=self._above)
             out[self._above] = c
 
+    def _argmax_into(self, scores: np.ndarray) -> None:
+        """The best class per model pixel into ``_argmax``, the first on a tie (as np.argmax).
+
+        np.argmax over the class axis strides across the class planes: a pass per class is
+        about 8 times faster at 256 x 256."""
+        np.copyto(self._best, scores[0])
+        self._argmax.fill(0)
+        for c in range(1, scores.shape[0]):
+            np.greater(scores[c], self._best, out=self._higher)
+            np.copyto(self._best, scores[c], where=self._higher)
+            self._argmax[self._higher] = c
+
     def _drop_small_regions(self, c: int, min_px: float) -> None:
         np.equal(self._argmax, c, out=self._is_class)
-        _, regions, stats, _ = cv2.connectedComponentsWithStats(self._is_class, connectivity=8)
-        small = 1 + np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] < min_px)
-        if small.size:
-            self._margin[np.isin(regions, small)] = -1.0
+        # Areas by counting labels: the full statistics cost 4 times the labelling.
+        n, regions = cv2.connectedComponents(self._is_class, connectivity=8)
+        small = np.bincount(regions.ravel(), minlength=n) < min_px
+        small[0] = False  # the background
+        if small.any():
+            self._margin[small[regions]] = -1.0
 
     @staticmethod
     def _softmax_into(out: np.ndarray, logits: np.ndarray) -> None:
