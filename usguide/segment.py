@@ -533,13 +533,14 @@ class Segmenter:
             self._argmax[self._higher] = c
 
     def _drop_small_regions(self, c: int, min_px: float) -> None:
-        np.equal(self._argmax, c, out=self._is_class)
-        # Areas by counting labels: the full statistics cost 4 times the labelling.
+        np.equal(self._argmax, c, out=self._is_class)  # 0 or 1
         n, regions = cv2.connectedComponents(self._is_class, connectivity=8)
-        small = np.bincount(regions.ravel(), minlength=n) < min_px
+        # Areas from the labels of the class's own pixels: a tenth of the time of counting all
+        # pixels' labels, a fifth of the full component statistics.
+        small = np.bincount(regions[self._is_class.view(bool)], minlength=n) < min_px
         small[0] = False  # the background
         if small.any():
-            self._margin[small[regions]] = -1.0
+            self._margin[np.take(small, regions)] = -1.0
 
     @staticmethod
     def _softmax_into(out: np.ndarray, logits: np.ndarray) -> None:
