@@ -347,10 +347,13 @@ def test_tiny_imaging_regions_give_no_error(size: tuple[int, int]) -> None:
 
 
 def test_the_overlay_says_whether_the_shaft_is_seen_when_the_tip_is_not() -> None:
-    from usguide.pipeline import needle_status_line
+    from usguide.pipeline import describe, needle_status_line
 
     unseen = needle_at(None)
     shaft_only = replace(unseen, shaft_visible=True)  # out of plane, or followed on its line
     assert needle_status_line(unseen) == "needle: tip not visible"
     assert needle_status_line(None) == "needle: tip not visible"
     assert needle_status_line(shaft_only) == "needle: shaft seen, tip not visible"
+    # Without guidance (not run, or failed) the overlay says only what the needle stage saw.
+    assert describe(None, shaft_only) == ["needle: shaft seen, tip not visible"]
+    assert describe(None, None) == []

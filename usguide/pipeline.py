@@ -264,19 +264,16 @@ class Pipeline:
         targets: list[tuple[float, float]] = []
         active = None
         path = injectate = None
-        text: list[str] = []
+        text = describe(guidance, needle)
         warnings: list[str] = []
         if guidance is not None:
             targets = [t.xy for t in guidance.targets]
             ids = [t.id for t in guidance.targets]
             active = ids.index(guidance.active_target) if guidance.active_target in ids else None
             path = guidance.path
-            text = describe(guidance, needle)
             warnings = [w.message for w in guidance.warnings]
             if guidance.spread is not None and guidance.spread.detected:
                 injectate = self.guidance.spread.mask
-        elif needle is not None and not needle.visible:
-            text = [needle_status_line(needle)]
         return self.renderer.render(
             result.frame.pixels,
             result.labels,
@@ -300,8 +297,12 @@ def needle_status_line(needle: NeedleState | None) -> str:
     return "needle: tip not visible"
 
 
-def describe(guidance: GuidanceResult, needle: NeedleState | None) -> list[str]:
-    """The overlay's text lines: distances in the result's units, time on target, spread."""
+def describe(guidance: GuidanceResult | None, needle: NeedleState | None) -> list[str]:
+    """The overlay's text lines: the needle's state when its tip is not seen, and with guidance
+    the distances in the result's units, time on target and spread."""
+    if guidance is None:
+        # No guidance ran (or it failed): say only what the needle stage saw, if it ran.
+        return [needle_status_line(needle)] if needle is not None and not needle.visible else []
     u = guidance.units
     lines = []
     if needle is None or not needle.visible:

@@ -92,12 +92,8 @@ class Published:
     @property
     def lines(self) -> list[str]:
         """Distances and state as text (the overlay's lines)."""
-        from usguide.pipeline import describe, needle_status_line
+        from usguide.pipeline import describe
 
-        if self.guidance is None:
-            if self.needle is not None and not self.needle.visible:
-                return [needle_status_line(self.needle)]
-            return []
         return describe(self.guidance, self.needle)
 
     @property
