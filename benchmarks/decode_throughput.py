@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -197,10 +197,7 @@ def main() -> None:
         if (root / sub).is_dir():
             rows += bench_images(root / sub, args.repeat)
 
-    print(
-        f"# decode throughput: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, python {platform.python_version()}, data {root}"
-    )
+    print(f"# decode throughput: {machine_line()}; data {root}")
     header = "| kind | file | frames | median ms | p95 ms | fps | baseline | baseline fps | ratio |"
     print(header)
     print("|---|---|---:|---:|---:|---:|---|---:|---:|")

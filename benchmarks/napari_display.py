@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import machine_line
 
 ROWS, COLS = 480, 640
 WINDOW = (1400, 900)  # the canvas is drawn in software: its size matters, so it is fixed
@@ -370,7 +370,7 @@ def main() -> int:
     _viewer().close()  # start Qt once
     gl = _gl_renderer()
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"machine: {machine_line()}, "
         f"napari {napari.__version__}, OpenGL renderer: {gl}, "
         f"load average at start {os.getloadavg()[0]:.1f} (shared machine: compare rows, not runs)"
     )

@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -57,10 +55,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from machine import machine_line
 
 from usguide.data.augment import sector_view
 from usguide.data.datasets import DlTrackApo, UsgraSeg, data_root, split
 from usguide.data.needle_render import DEFAULT_SPACING_MM, NeedleTruth, needle_sequence
+from usguide.evaluate import bootstrap_ci
 from usguide.frame import Frame, Region
 from usguide.imaging_region import find_imaging_region
 from usguide.needle import NeedleStage
@@ -151,6 +151,9 @@ def run(
     # Needle-in-image frames and those found, by insertion angle and by kind of scan.
     found_by: dict[str, list[int]] = {k: [0, 0] for k in (*ANGLE_BINS, *SCANS.values())}
     misses = 0
+    # Per frame, with its scan's name: the intervals resample whole scans (the frames of one
+    # sequence, and sequences drawn on the same image, are not independent).
+    found, found_scan, right, right_scan = [], [], [], []
     for name, frames, truths, box in sequences(
         root, n_per_set, n_frames, seed, sector=sector, bend_radius_mm=bend_radius_mm
     ):
@@ -165,6 +168,12 @@ def run(
             present_tp += in_image and state.shaft_visible
             present_fn += in_image and not state.shaft_visible
             present_fp += state.shaft_visible and not in_image
+            if in_image:
+                found.append(state.shaft_visible)
+                found_scan.append(name)
+            if state.shaft_visible:
+                right.append(in_image)
+                right_scan.append(name)
             if in_image and truth.angle_deg is not None:
                 for key in (_angle_bin(truth.angle_deg), scan):
                     found_by[key][0] += 1
@@ -220,6 +229,8 @@ def run(
         "wrong_structure": wrong / max(tp, 1),
         "present_recall": present_tp / max(present_tp + present_fn, 1),
         "present_precision": present_tp / max(present_tp + present_fp, 1),
+        "present_recall_ci": bootstrap_ci(found, groups=found_scan),
+        "present_precision_ci": bootstrap_ci(right, groups=right_scan),
         "recall": tp / max(tp + fn, 1),
         "precision": tp / max(tp + fp, 1),
         "reacquire_median": float(np.median(reacquire)) if reacquire else float("nan"),
@@ -343,9 +354,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     cv2.setNumThreads(2)
-    print(
-        f"# needle tracking: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    )
+    print(f"# needle tracking: {machine_line()}")
     print(
         f"model: {args.model}; {args.sequences} sequences per data set x {args.frames} frames; "
         f"mm at the nominal {DEFAULT_SPACING_MM} mm per pixel"
@@ -391,7 +400,12 @@ def main() -> None:
         ),
         (
             f"needle in the image (>= {MIN_DRAWN_MM} mm drawn) vs absent: recall / precision",
-            f"{r['present_recall']:.3f} / {r['present_precision']:.3f}",
+            f"{r['present_recall']:.3f} / {r['present_precision']:.3f} (95% CI "
+            + " / ".join(
+                f"{lo:.3f}-{hi:.3f}"
+                for lo, hi in (r["present_recall_ci"], r["present_precision_ci"])
+            )
+            + ")",
             ">= 0.98 / >= 0.98",
         ),
         (

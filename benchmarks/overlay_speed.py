@@ -23,8 +23,6 @@ not seen by tracemalloc.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from machine import machine_line
 
 from usguide.labels import CLASS_COLOURS, FASCIA
 from usguide.overlay import OverlayRenderer, blend_labels
@@ -148,8 +147,7 @@ def main() -> None:
     ]
     box = cv2.boundingRect(labels)
     print(
-        f"# overlay speed: {platform.machine()}, "
-        f"{os.cpu_count()} cores, OpenCV {cv2.__version__} ({cv2.getNumThreads()} threads), "
+        f"# overlay speed: {machine_line()} ({cv2.getNumThreads()} OpenCV threads), "
         f"{SIZE[0]} x {SIZE[1]} grey frames x {args.frames}, "
         f"antialias {not args.no_antialias}; labels' box {box[2]} x {box[3]} px"
     )

@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from machine import machine_line
 
 from usguide.frame import Frame
 from usguide.pipeline import STAGES, Pipeline, run_live, run_playback
@@ -74,7 +75,7 @@ def main() -> None:
         rows, cols = source.shape
         cached = list(source)
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
+        f"machine: {machine_line()}; "
         f"cine {args.cine.name}: {len(cached)} frames of {cols} x {rows}, repeated\n"
     )
 

@@ -34,13 +34,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
+from machine import machine_line
 
 from usguide.data.augment import sector_view
 from usguide.data.datasets import DlTrackApo, UsgraSeg, split
@@ -249,7 +248,7 @@ def main() -> None:
     triples = list(validation_triples(args.data, args.seed, args.sector))
     print(
         f"# segmentation accuracy: validation split seed {args.seed}, {len(triples)} images "
-        f"(real and with rendered needles), {platform.machine()} {os.cpu_count()} cores"
+        f"(real and with rendered needles), {machine_line()}"
         + ("; shown as a curvilinear probe's sector" if args.sector else "")
     )
     for engine in available_engines():

@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine_line
 
 from usguide.segment import Segmenter, available_engines, without_histogram_matching
 from usguide.sources.dicom import DicomSource
@@ -51,7 +50,7 @@ def main() -> None:
         if p.exists()
     ]
     print(
-        f"# segmentation speed: {platform.machine()}, {os.cpu_count()} cores, "
+        f"# segmentation speed: {machine_line()}, "
         f"{args.threads} inference threads, 640 x 480 frames x {args.frames}"
     )
     print("| engine | model | part | median ms | p95 ms | p99 ms | fps |")

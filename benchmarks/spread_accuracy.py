@@ -42,13 +42,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
+from machine import machine_line
 
 from usguide.data.datasets import UsgraSeg
 from usguide.data.injectate_render import RenderedInjectate, injectate_sequence
@@ -353,9 +352,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     cv2.setNumThreads(2)
-    print(
-        f"# injectate spread: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    )
+    print(f"# injectate spread: {machine_line()}")
     a = accuracy(args.data, args.sequences, args.frames, args.seed)
     print(
         f"{a['all']['n']} sequences x {args.frames} frames (USGRA-Seg mirror + test images); "
