@@ -8,6 +8,7 @@ any test imports napari. The tests need a real X display (napari's canvas render
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,27 @@ os.environ["NAPARI_CONFIG"] = str(Path(_CONFIG_DIR) / "settings.yaml")
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TEST_DATA = REPO_ROOT / "tests" / "data"
+
+
+# Fixtures that open Qt windows. Without an X display Qt's xcb platform aborts the whole test
+# process (SIGSEGV, every result lost), so such tests are skipped with the reason instead.
+_WINDOW_FIXTURES = {"make_napari_viewer", "make_napari_viewer_proxy", "qtbot"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return
+    why = (
+        "no X display"
+        + ("" if shutil.which("Xvfb") else " and no Xvfb for pytest-xvfb to start")
+        + ": install Xvfb (see .ci/run) or run under xvfb-run"
+    )
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.path)).parents and _WINDOW_FIXTURES & set(
+            getattr(item, "fixturenames", ())
+        ):
+            item.add_marker(pytest.mark.skip(reason=why))
 
 
 def shared_data_dir() -> Path | None:
