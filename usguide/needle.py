@@ -359,10 +359,20 @@ class NeedleDetector:
         self.config = config or NeedleConfig()
         self._rng = np.random.default_rng(self.config.seed)
         self._kernels: dict[int, np.ndarray] = {}
+        # The last frame's grey region: following a shaft measures the frame just searched.
+        self._grey: tuple[Frame, np.ndarray] | None = None
 
     def reset(self) -> None:
         """Restart the RANSAC sampling sequence (a new source)."""
         self._rng = np.random.default_rng(self.config.seed)
+        self._grey = None
+
+    def _grey_of(self, frame: Frame) -> np.ndarray:
+        """``frame``'s imaging region in grey: the one just searched when it is that frame (a
+        colour frame is converted once, not again to follow a shaft on it)."""
+        if self._grey is None or self._grey[0] is not frame:
+            self._grey = (frame, _grey_region(frame))
+        return self._grey[1]
 
     def __call__(
         self, frame: Frame, labels: np.ndarray | None = None, *, ridges: bool = True
@@ -371,6 +381,7 @@ class NeedleDetector:
         when the model marks too few needle pixels (the stage follows a known shaft instead)."""
         cfg = self.config
         grey = _grey_region(frame)
+        self._grey = (frame, grey)
         height, width = grey.shape
         if height < 16 or width < 16:
             return None
@@ -443,7 +454,7 @@ class NeedleDetector:
         result's tip ``confidence`` is 0: where the model sees no needle, the end of a line is
         not known to be a tip.
         """
-        grey = _grey_region(frame)
+        grey = self._grey_of(frame)
         height, width = grey.shape
         if height < 16 or width < 16:
             return None
