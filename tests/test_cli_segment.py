@@ -164,3 +164,18 @@ def test_evaluate_a_binary_mask_scores_its_class_only(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert set(json.loads(report.read_text())["classes"]) == {"nerve"}
+
+
+def test_a_corrupt_image_midway_keeps_the_label_maps_before_it(tmp_path: Path) -> None:
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(SAMPLES / "images" / "0002.png", folder / "a.png")
+    shutil.copy(SAMPLES / "images" / "0050.png", folder / "b.png")
+    (folder / "c.png").write_bytes(b"not a png")
+    out = tmp_path / "labels"
+    result = runner.invoke(app, ["segment", str(folder), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "c.png" in result.output and "cannot be decoded" in result.output
+    # The user is told what was written before the failure, and it is there.
+    assert "the 2 label maps written before it are in" in " ".join(result.output.split())
+    assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "b.png"]

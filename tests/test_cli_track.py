@@ -100,3 +100,21 @@ def test_bad_input(tmp_path: Path, needle_folder) -> None:
     taken = runner.invoke(app, ["track", str(folder), "--out", str(folder_out)])
     assert taken.exit_code == 2 and "is a folder" in taken.output
     assert not (tmp_path / "tips.partial").exists()
+
+
+def test_a_corrupt_frame_midway_keeps_the_rows_before_it(tmp_path: Path, needle_folder) -> None:
+    folder, _ = needle_folder
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):
+        (frames / f"frame{i}.png").write_bytes((folder / f"frame{i}.png").read_bytes())
+    (frames / "frame4.png").write_bytes(b"not a png")
+    out = tmp_path / "tips.csv"
+    result = runner.invoke(app, ["track", str(frames), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "frame4.png" in result.output and "cannot be decoded" in result.output
+    # No finished CSV, which would look complete; the frames tracked are kept and named.
+    assert not out.exists()
+    partial = tmp_path / "tips.csv.partial"
+    assert "the rows of the 4 frames tracked before it are in" in " ".join(result.output.split())
+    assert [int(r["frame"]) for r in read_rows(partial)] == [0, 1, 2, 3]

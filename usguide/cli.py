@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
@@ -50,8 +50,9 @@ def main(
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn usguide's typed errors into one line and exit code 2; show warnings as one line."""
+def user_errors(kept: Callable[[], str | None] | None = None) -> Iterator[None]:
+    """Turn usguide's typed errors into one line and exit code 2; show warnings as one line.
+    ``kept`` says, after the error, what the command had already written (None: nothing)."""
 
     def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
         err.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
@@ -60,16 +61,17 @@ def user_errors() -> Iterator[None]:
     warnings.showwarning = show  # type: ignore[assignment]
     try:
         yield
-    except UsguideError as e:
-        err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except ValueError as e:  # option values the sources reject (spacing, region)
-        err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except OSError as e:  # the file system: an output path that is a folder, a full disk
-        reason = e.strerror or str(e)
-        message = f"{e.filename}: {reason}" if e.filename is not None else reason
+    except (UsguideError, ValueError, OSError) as e:
+        # UsguideError: bad input; ValueError: option values the sources reject (spacing,
+        # region); OSError: the file system (an output path that is a folder, a full disk).
+        message = str(e)
+        if isinstance(e, OSError) and not isinstance(e, UsguideError):
+            reason = e.strerror or str(e)
+            message = f"{e.filename}: {reason}" if e.filename is not None else reason
         err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+        note = kept() if kept is not None else None
+        if note:
+            err.print(escape(note), soft_wrap=True)
         raise typer.Exit(2) from None
     finally:
         warnings.showwarning = previous
@@ -316,7 +318,12 @@ def segment(
     from usguide.sources import open_source
 
     target = Path(out_dir)
-    with user_errors():
+    written = 0
+
+    def kept() -> str | None:
+        return f"the {written} label maps written before it are in {target}" if written else None
+
+    with user_errors(kept):
         segmenter = Segmenter(model, engine=engine, smoothing=smoothing)
         options = source_options(spacing, region, detect)
         sources = [open_source(path, **options) for path in inputs]
@@ -325,7 +332,6 @@ def segment(
         target.mkdir(parents=True, exist_ok=True)
         if overlay:
             (target / "overlays").mkdir(exist_ok=True)
-        written = 0
         written_by: dict[str, str] = {}
         with make_progress() as bar:
             task = bar.add_task("segmenting", total=total)
@@ -493,7 +499,12 @@ def track(
 
     target = Path(out_csv)
     partial = target.with_name(target.name + ".partial")
-    with user_errors():
+    visible = rows = 0
+
+    def kept() -> str | None:
+        return f"the rows of the {rows} frames tracked before it are in {partial}" if rows else None
+
+    with user_errors(kept):
         if hold < 0:
             raise UsguideError("--hold", f"must be 0 or more seconds, got {hold}")
         if target.is_dir():
@@ -503,7 +514,6 @@ def track(
         source = open_source(input_path, **source_options(spacing, region, detect))
         if target.parent != Path():
             target.parent.mkdir(parents=True, exist_ok=True)
-        visible = rows = 0
         # Rows go to OUT.partial as they come (nothing is lost if the run stops); the finished
         # file takes its name only once every frame is in.
         with open(partial, "w", newline="") as f, make_progress() as bar, source:
