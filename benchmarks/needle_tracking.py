@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/needle_tracking.py [--model PATH] [--data DIR] [--sequences 32] [--frames 80]
-                                         [--sector] [--bend-radius-mm R] [--baseline GIT_REV]
+                                         [--sector | --phantom] [--bend-radius-mm R]
+                                         [--baseline GIT_REV]
 
 Sequences: a needle rendered (``usguide.data.needle_render.needle_sequence``) onto real frames of
 the validation split of both data sets (USGRA-Seg nerve-block scans and DL_Track muscle scans),
@@ -16,7 +17,10 @@ indents the skin, so the skin line follows the fan's near arc, deeper tissue kee
 and beside the fan is black), the needle is drawn straight, as a convex probe displays it, and
 the truth is cut to the fan. With ``--bend-radius-mm R`` every needle bends in plane, as thin
 needles do in tissue (each insertion a curvature from straight to 1/R, either way; R = 200 mm
-bends a 40 mm shaft 1 mm from its chord).
+bends a 40 mm shaft 1 mm from its chord). With ``--phantom`` the needles move over simulated
+gel phantoms instead of the scans (:func:`gel_phantom`: homogeneous speckle, no anatomy), the
+background of bench tests and of many needle-tracking papers: how the stage does where no
+fascia or vessel wall can be mistaken for the shaft.
 
 Figures:
 
@@ -71,7 +75,7 @@ REPO = Path(__file__).resolve().parents[1]
 WRONG_MM = 2.0  # a reported tip further than this from the truth is on the wrong structure
 MIN_DRAWN_MM = 2.5  # shortest drawn shaft that counts as a needle in the image
 ANGLE_BINS = {"< 15 deg": (0.0, 15.0), "15-50 deg": (15.0, 50.0), ">= 50 deg": (50.0, 90.0)}
-SCANS = {"UsgraSeg": "nerve-block scans", "DlTrackApo": "muscle scans"}
+SCANS = {"UsgraSeg": "nerve-block scans", "DlTrackApo": "muscle scans", "Phantom": "gel phantoms"}
 # Real recordings in the data mirror that show no needle.
 NO_NEEDLE = {"lung-videos": "*.mp4", "dicom-us": "*.dcm", "screen-captures": "*.png"}
 DRAWN_BINS = {"< 5 mm": (0.0, 5.0), "5-10 mm": (5.0, 10.0), ">= 10 mm": (10.0, math.inf)}
@@ -85,14 +89,28 @@ def sequences(
     subset: str = "validation",
     sector: bool = False,
     bend_radius_mm: float | None = None,
+    phantom: bool = False,
 ):
     """(name, frames, truths, region) per sequence, from images of one split of both sets.
 
     Every image of the split is used once before any is used again (with another needle). With
     ``sector``, the region's tissue is shown in a fan, and nothing beside the fan is imaged (the
     same needles otherwise). ``bend_radius_mm`` bends the needles in plane (see
-    :func:`~usguide.data.needle_render.needle_sequence`)."""
+    :func:`~usguide.data.needle_render.needle_sequence`). With ``phantom``, twice
+    ``n_per_set`` sequences on :func:`gel_phantom` backgrounds instead (no scan is read)."""
     rng = np.random.default_rng(seed)
+    if phantom:
+        for k in range(2 * n_per_set):
+            scan = gel_phantom(rng)
+            box = (0, 0, scan.shape[1] - 1, scan.shape[0] - 1)
+            frames, truths = [], []
+            for image, truth in needle_sequence(
+                scan, n_frames, rng, region=box, bend_radius_mm=bend_radius_mm
+            ):
+                frames.append(image)
+                truths.append(truth)
+            yield f"Phantom/{k}", frames, truths, box
+        return
     for dataset in (UsgraSeg(root), DlTrackApo(root)):
         train, val = split(dataset, val_fraction=0.2, seed=0)
         pool = val if subset == "validation" else train
@@ -121,6 +139,25 @@ def sequences(
             yield f"{dataset.__class__.__name__}/{sample.name}", frames, truths, box
 
 
+def gel_phantom(rng: np.random.Generator, shape: tuple[int, int] = (480, 640)) -> np.ndarray:
+    """A B-mode image of a homogeneous gel phantom at the nominal 0.1 mm per pixel: fully
+    developed speckle (the envelope of complex Gaussian scatterers blurred by a beam about
+    0.6 mm wide and 0.25 mm long), attenuated with depth and log-compressed to a 45-60 dB
+    dynamic range, at a random overall gain."""
+    height = shape[0]
+    field = [
+        cv2.GaussianBlur(rng.standard_normal(shape), (0, 0), sigmaX=2.5, sigmaY=1.0)
+        for _ in range(2)
+    ]
+    envelope = np.hypot(*field)
+    depth_cm = np.arange(height)[:, None] * DEFAULT_SPACING_MM / 10.0
+    envelope *= 10.0 ** (-rng.uniform(0.5, 1.5) * depth_cm / 20.0)  # dB per cm, after TGC
+    decibels = 20.0 * np.log10(envelope / envelope.max() + 1e-9)
+    dynamic_range = rng.uniform(45.0, 60.0)
+    level = np.clip(1.0 + decibels / dynamic_range, 0.0, 1.0) * rng.uniform(0.45, 0.8)
+    return np.round(255.0 * level).astype(np.uint8)
+
+
 def drawn_mm(truth: NeedleTruth) -> float:
     """Length of shaft drawn in the frame, mm at the nominal spacing."""
     if truth.pose is None:
@@ -141,6 +178,7 @@ def run(
     seed: int,
     sector: bool = False,
     bend_radius_mm: float | None = None,
+    phantom: bool = False,
 ) -> dict:
     segmenter = Segmenter(model)
     stage = NeedleStage()
@@ -155,7 +193,13 @@ def run(
     # sequence, and sequences drawn on the same image, are not independent).
     found, found_scan, right, right_scan = [], [], [], []
     for name, frames, truths, box in sequences(
-        root, n_per_set, n_frames, seed, sector=sector, bend_radius_mm=bend_radius_mm
+        root,
+        n_per_set,
+        n_frames,
+        seed,
+        sector=sector,
+        bend_radius_mm=bend_radius_mm,
+        phantom=phantom,
     ):
         scan = SCANS[name.split("/")[0]]
         segmenter.reset()
@@ -344,6 +388,11 @@ def main() -> None:
         "--sector", action="store_true", help="show the sequences as a curvilinear probe would"
     )
     parser.add_argument(
+        "--phantom",
+        action="store_true",
+        help="move the needles over simulated gel phantoms instead of the scans",
+    )
+    parser.add_argument(
         "--bend-radius-mm",
         type=float,
         default=None,
@@ -353,12 +402,15 @@ def main() -> None:
         "--baseline", default=None, help="git revision whose needle stage is timed alongside"
     )
     args = parser.parse_args()
+    if args.sector and args.phantom:
+        parser.error("--sector and --phantom: choose one")
     cv2.setNumThreads(2)
     print(f"# needle tracking: {machine_line()}")
     print(
         f"model: {args.model}; {args.sequences} sequences per data set x {args.frames} frames; "
         f"mm at the nominal {DEFAULT_SPACING_MM} mm per pixel"
         + ("; shown as a curvilinear probe's sector" if args.sector else "")
+        + ("; on simulated gel phantoms, not the scans" if args.phantom else "")
         + (
             f"; needles bent in plane, radius >= {args.bend_radius_mm:g} mm"
             if args.bend_radius_mm
@@ -373,6 +425,7 @@ def main() -> None:
         args.seed,
         args.sector,
         args.bend_radius_mm,
+        args.phantom,
     )
     print(f"frames {r['frames']}, tip truly visible in {r['tip_visible_frames']}\n")
     negatives = false_alarms(args.model, args.data)
@@ -381,6 +434,7 @@ def main() -> None:
         stages[args.baseline] = baseline_stage(args.baseline)
     costs = cost(args.model, args.data, 300, args.seed, stages)
     c = costs["current"]
+    kinds = [k for k in SCANS.values() if r["present_frames_by"][k]]
     rows = [
         ("median tip error", f"{r['median_mm']:.2f} mm", "<= 0.5 mm"),
         ("95th percentile tip error", f"{r['p95_mm']:.2f} mm", "<= 1.5 mm"),
@@ -416,10 +470,9 @@ def main() -> None:
             "report",
         ),
         (
-            "needle-in-image recall by scan (" + " / ".join(SCANS.values()) + ")",
+            "needle-in-image recall by scan (" + " / ".join(kinds) + ")",
             " / ".join(
-                f"{r['present_recall_by'][k]:.2f} ({r['present_frames_by'][k]})"
-                for k in SCANS.values()
+                f"{r['present_recall_by'][k]:.2f} ({r['present_frames_by'][k]})" for k in kinds
             ),
             "report",
         ),
