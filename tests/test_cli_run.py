@@ -49,6 +49,28 @@ def test_uncalibrated_input_says_px(tmp_path: Path, test_data: Path) -> None:
     assert all("calibration_unknown" in {w["code"] for w in r["warnings"]} for r in records)
 
 
+def test_a_source_failing_midway_keeps_its_frames_and_exits_1(
+    tmp_path: Path, test_data: Path
+) -> None:
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    image = cv2.imread(str(test_data / "usgra-seg" / "images" / "0212.png"))
+    for i in range(3):
+        cv2.imwrite(str(folder / f"f{i}.png"), image)
+    (folder / "f3.png").write_bytes(b"not a png")
+    video, log = tmp_path / "overlay.mp4", tmp_path / "log.jsonl"
+    result = runner.invoke(
+        app, ["run", str(folder), "--out", str(video), "--log", str(log), "--no-window"]
+    )
+    # A script must not take an incomplete run for a whole one; what was done is kept.
+    assert result.exit_code == 1, result.output
+    assert "f3.png" in result.output and "source stopped" in result.output
+    assert [json.loads(line)["frame"] for line in log.read_text().splitlines()] == [0, 1, 2]
+    capture = cv2.VideoCapture(str(video))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    capture.release()
+
+
 def test_run_live_counts_drops(tmp_path: Path, test_data: Path) -> None:
     cine = test_data / "dicom" / "OBXXXX1A_rle_2frame.dcm"
     log = tmp_path / "live.jsonl"

@@ -711,7 +711,8 @@ def run(
 
     Playback processes every frame; --live always takes the newest frame and counts the ones it
     skipped. Distances are in mm when the source is calibrated, else in px (and the overlay and
-    the log say so). Not a medical device."""
+    the log say so). When the source fails midway (a corrupt frame, a device unplugged), the
+    outputs keep the frames before it and the exit code is 1. Not a medical device."""
     from usguide.pipeline import Pipeline
     from usguide.sources import open_source
 
@@ -727,12 +728,14 @@ def run(
         )
         if not source.spacing_mm:
             err.print("[yellow]calibration unknown:[/] distances are in px")
-        run_pipeline(
+        summary = run_pipeline(
             source, pipeline, video=video, log=log, window=window, live=live, max_frames=max_frames
         )
     for path in (video, log):
         if path is not None:
             err.print(f"wrote {path}")
+    if summary.source_failed:
+        raise typer.Exit(1)  # the outputs hold the frames before the failure, and no more
 
 
 @app.command()

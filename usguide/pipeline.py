@@ -330,6 +330,7 @@ class RunSummary:
     frames_dropped: int = 0
     wall_s: float = 0.0
     ended: str = "end of source"
+    source_failed: bool = False  # the source raised an error: the run holds fewer frames
     stage_failures: dict[str, int] = field(default_factory=dict)
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -351,6 +352,7 @@ def _frames(source: Iterable[Frame], summary: RunSummary) -> Iterator[Frame]:
             return
         except UsguideError as e:
             summary.ended = f"source stopped: {e}"
+            summary.source_failed = True
             return
         summary.frames_read += 1
         yield frame
@@ -553,6 +555,7 @@ def run_live(
                     mailbox.put_nowait(item)
         except Exception as e:  # noqa: BLE001 - report it and end the run cleanly
             summary.ended = f"source stopped: {type(e).__name__}: {e}"
+            summary.source_failed = True
         finally:
             with lock:
                 # The loop may take the waiting frame at any moment (it does not lock): take
