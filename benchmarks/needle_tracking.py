@@ -226,8 +226,11 @@ def run(
                 right.append(in_image)
                 right_scan.append(name)
             if in_image and truth.angle_deg is not None:
-                contrast = _bin(CONTRAST_BINS, shaft_contrast(image, truth.mask))
-                for key in (_bin(ANGLE_BINS, truth.angle_deg), scan, contrast):
+                contrast = shaft_contrast(image, truth.mask)
+                keys = [_bin(ANGLE_BINS, truth.angle_deg), scan]
+                if contrast is not None:
+                    keys.append(_bin(CONTRAST_BINS, contrast))
+                for key in keys:
                     found_by[key][0] += 1
                     found_by[key][1] += state.shaft_visible
             err = None
@@ -326,15 +329,16 @@ def _bin(bins: dict[str, tuple[float, float]], value: float) -> str:
     return next(reversed(bins))
 
 
-def shaft_contrast(image: np.ndarray, mask: np.ndarray) -> float:
+def shaft_contrast(image: np.ndarray, mask: np.ndarray) -> float | None:
     """Mean grey level of the drawn shaft less that of the tissue ``ABOVE_PX`` rows above it
-    (not below: the shaft's shadow and reverberations lie there)."""
+    (not below: the shaft's shadow and reverberations lie there); None when no tissue lies
+    above it in the frame (such a frame is left out of the contrast breakdown)."""
     grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     above = np.zeros_like(mask)
     above[:-ABOVE_PX] = mask[ABOVE_PX:]
     above &= ~mask
     if not above.any():
-        return math.inf
+        return None
     return float(grey[mask].mean()) - float(grey[above].mean())
 
 
